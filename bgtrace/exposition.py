@@ -1,0 +1,80 @@
+"""The ``/metrics`` endpoint: a small ASGI app over prometheus_client's encoders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import logs
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    if os.environ.get(MULTIPROC_ENV):
+        # Every worker writes its own files; a fresh registry per scrape reads them all.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app serving ``registry`` (default: prometheus_client's) for Prometheus.
+
+    GET and HEAD; OpenMetrics when the scraper asks for it; gzip when accepted. With
+    ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum of every worker process instead.
+    """
+    source = REGISTRY if registry is None else registry
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await _respond(send, 405, b"Method Not Allowed\n", "text/plain; charset=utf-8",
+                           [(b"allow", b"GET, HEAD")], head=False)  # fmt: skip
+            return
+        try:
+            body, content_type = _render(source, _header(scope, b"accept"))
+        except Exception:
+            logs.internal_error("metrics exposition")
+            await _respond(send, 500, b"metrics collection failed\n", "text/plain", [], head=False)
+            return
+        extra: list[tuple[bytes, bytes]] = []
+        if "gzip" in _header(scope, b"accept-encoding").lower():
+            body = gzip.compress(body, compresslevel=6)
+            extra.append((b"content-encoding", b"gzip"))
+        extra.append((b"vary", b"Accept, Accept-Encoding"))
+        await _respond(send, 200, body, content_type, extra, head=scope["method"] == "HEAD")
+
+    return app
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra: list[tuple[bytes, bytes]],
+    *,
+    head: bool,
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode("latin-1")),
+        (b"content-length", str(len(body)).encode("latin-1")),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})

@@ -1,0 +1,135 @@
+"""Class-level instrumentation of Starlette's ``BackgroundTask`` and ``BackgroundTasks``.
+
+FastAPI's ``BackgroundTasks`` subclasses Starlette's, and ``Response(background=...)`` takes
+Starlette's ``BackgroundTask``, so patching these two classes sees every task. The patch is
+reversible: ``uninstrument()`` puts back the very same function objects.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
+
+from starlette import background
+
+from .records import RECORD_ATTR, run_task, run_tasks, track
+
+P = ParamSpec("P")
+
+# (class, attribute) pairs we replace.
+_TARGETS = (
+    (background.BackgroundTask, "__init__"),
+    (background.BackgroundTask, "__call__"),
+    (background.BackgroundTasks, "__call__"),
+)
+# The functions Starlette shipped, captured at import: our own BackgroundTasks runs tasks
+# through them whether or not the classes are patched.
+_TASK_INIT = background.BackgroundTask.__init__
+_TASK_CALL = background.BackgroundTask.__call__
+_TASKS_CALL = background.BackgroundTasks.__call__
+
+_lock = threading.Lock()
+_originals: dict[tuple[type, str], Any] = {}
+_wrappers: dict[tuple[type, str], Any] = {}
+_enabled = False
+
+
+def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
+    def __init__(self: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        original(self, func, *args, **kwargs)
+        if _enabled:
+            track(self)
+
+    return __init__
+
+
+def _wrap_task_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    async def __call__(self: Any) -> None:
+        if _enabled:
+            await run_task(self, original)
+        else:
+            await original(self)
+
+    return __call__
+
+
+def _wrap_tasks_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    async def __call__(self: Any) -> None:
+        if _enabled:
+            await run_tasks(self, original)
+        else:
+            await original(self)
+
+    return __call__
+
+
+_FACTORIES = {
+    (background.BackgroundTask, "__init__"): _wrap_init,
+    (background.BackgroundTask, "__call__"): _wrap_task_call,
+    (background.BackgroundTasks, "__call__"): _wrap_tasks_call,
+}
+
+
+def instrument() -> None:
+    """Measure every Starlette/FastAPI background task. Safe to call any number of times."""
+    global _enabled
+    with _lock:
+        for target in _TARGETS:
+            cls, name = target
+            if target in _wrappers:
+                # Still in place (maybe under another instrumentation's wrapper): reuse it.
+                continue
+            original = cls.__dict__[name]
+            wrapper = _FACTORIES[target](original)
+            wrapper.__qualname__ = f"{cls.__qualname__}.{name}"
+            wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+            _originals[target] = original
+            _wrappers[target] = wrapper
+            setattr(cls, name, wrapper)
+        _enabled = True
+
+
+def uninstrument() -> None:
+    """Undo ``instrument()``: the original methods are restored, identity-equal.
+
+    Where another library wrapped a method after us (OpenTelemetry's FastAPI instrumentation
+    does), removing ours would drop theirs too; ours then stays in place, switched off.
+    """
+    global _enabled
+    with _lock:
+        _enabled = False
+        for target in _TARGETS:
+            cls, name = target
+            wrapper = _wrappers.get(target)
+            if wrapper is not None and cls.__dict__.get(name) is wrapper:
+                setattr(cls, name, _originals.pop(target))
+                del _wrappers[target]
+
+
+def is_instrumented() -> bool:
+    return _enabled
+
+
+class BackgroundTasks(background.BackgroundTasks):
+    """A drop-in for Starlette's ``BackgroundTasks`` whose tasks are measured even without
+    ``instrument()``, for code that builds its own."""
+
+    def __init__(self, tasks: Sequence[background.BackgroundTask] | None = None) -> None:
+        super().__init__(tasks)
+        for task in self.tasks:
+            track(task)
+
+    def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        task = background.BackgroundTask(func, *args, **kwargs)
+        if RECORD_ATTR not in task.__dict__:
+            track(task)
+        self.tasks.append(task)
+
+    async def __call__(self) -> None:
+        await run_tasks(self, _run_each)
+
+
+async def _run_each(container: BackgroundTasks) -> None:
+    for task in container.tasks:
+        await run_task(task, _TASK_CALL)

@@ -1,0 +1,153 @@
+"""``BackgroundTaskMiddleware``: the one thing a user adds to an app."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from time import perf_counter
+from typing import Literal
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from prometheus_client import REGISTRY, CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import logs
+from .config import Config, TraceMode
+from .exposition import metrics_app
+from .instrumentation import instrument
+from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
+from .records import finish_request
+from .request import RequestState, current
+from .routes import NO_ROUTE, find_router_app
+from .spans import ATTR_ROUTE, header_getter, http_method
+
+RequestSpans = Literal["auto", "never"]
+REQUEST_SPAN_MODES = ("auto", "never")
+
+
+class BackgroundTaskMiddleware:
+    """Measures and traces every background task of the wrapped app, and serves ``/metrics``.
+
+    Pure ASGI: websocket and lifespan scopes pass straight through; per-request state lives in
+    a ``RequestState`` and the closures of one call, never on the middleware.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics_path: str | None = "/metrics",
+        registry: CollectorRegistry | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        namespace: str = "",
+        trace_mode: TraceMode = "child",
+        request_spans: RequestSpans = "auto",
+        buckets: Sequence[float] | None = None,
+        max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+    ) -> None:
+        if request_spans not in REQUEST_SPAN_MODES:
+            raise ValueError(
+                f"request_spans must be one of {REQUEST_SPAN_MODES}, got {request_spans!r}"
+            )
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError(f"metrics_path must start with '/', got {metrics_path!r}")
+        self.app = app
+        registry = REGISTRY if registry is None else registry
+        metrics = task_metrics(registry, namespace, buckets, max_label_values)
+        self._config = Config.create(metrics, tracer_provider, trace_mode)
+        self._metrics_path = metrics_path
+        self._metrics_app = metrics_app(registry)
+        self._request_spans = request_spans == "auto"
+        self._router_app = find_router_app(app)
+        instrument()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == self._metrics_path:
+            await self._metrics_app(scope, receive, send)
+            return
+
+        config = self._config
+        # Starlette puts the application in the scope before its middleware stack runs; a
+        # middleware wrapped around the app by hand finds the routes through self.app.
+        router_app = scope.get("app")
+        if getattr(router_app, "routes", None) is None:
+            router_app = self._router_app
+        state = RequestState(config, scope, router_app, _STOP_CODE)
+        span: trace.Span | None = None
+        span_token: object = None
+        if self._request_spans and config.tracing():
+            try:
+                span, span_token = _start_request_span(config, scope)
+            except Exception:
+                logs.internal_error("request span start")
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                state.status = message["status"]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                await send(message)
+                # The response is out: what follows is background work, not request latency.
+                state.response_done_at = perf_counter()
+                if span is not None:
+                    _end_request_span(span, state, None)
+                return
+            await send(message)
+
+        token = current.set(state)
+        raised: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            raised = exc
+            raise
+        finally:
+            current.reset(token)
+            finish_request(state, raised)
+            if span is not None:
+                if span.is_recording():
+                    _end_request_span(span, state, raised)
+                if span_token is not None:
+                    otel_context.detach(span_token)  # type: ignore[arg-type]
+
+
+# Frames past the middleware's own belong to the server: the origin walk stops here.
+_STOP_CODE = BackgroundTaskMiddleware.__call__.__code__
+
+
+def _start_request_span(config: Config, scope: Scope) -> tuple[trace.Span | None, object]:
+    if trace.get_current_span().is_recording():
+        # An HTTP instrumentation already opened the request's span: tasks go in its trace.
+        return None, None
+    parent = propagate.extract(scope.get("headers") or [], getter=header_getter)
+    method = http_method(scope.get("method"))
+    span = config.tracer.start_span(
+        "HTTP" if method == "_OTHER" else method,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": method},
+    )
+    return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+
+def _end_request_span(span: trace.Span, state: RequestState, exc: BaseException | None) -> None:
+    try:
+        route = state.route()[0]
+        method = span.attributes.get("http.request.method") if hasattr(span, "attributes") else None
+        if route != NO_ROUTE:
+            span.set_attribute(ATTR_ROUTE, route)
+            if isinstance(method, str):
+                span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
+        if state.status is not None:
+            span.set_attribute("http.response.status_code", state.status)
+            if state.status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+        if exc is not None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+            span.set_attribute("error.type", type(exc).__qualname__)
+        span.end()
+    except Exception:
+        logs.internal_error("request span end")

@@ -1,0 +1,319 @@
+"""The life of one queued task: queued, then started and ended, or dropped. Exactly once each.
+
+A ``TaskRecord`` is attached to the ``BackgroundTask`` object when it is created. Every
+transition updates the metrics and the task's span; every one is guarded so that an error in
+bgtrace's own bookkeeping is logged and never reaches the app or the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from . import logs
+from .config import Config, default_config
+from .metrics import TaskSeries
+from .naming import error_type, qualified, task_name
+from .origin import DEPENDENCY, OTHER, detect
+from .request import RequestState, current
+from .routes import NO_ROUTE
+from .spans import (
+    ATTR_DEPENDENCY,
+    ATTR_FUNCTION,
+    ATTR_ORIGIN,
+    ATTR_ROUTE,
+    ATTR_WAIT,
+    EVENT_ENQUEUED,
+    SPAN_PREFIX,
+    record_failure,
+    task_parent,
+)  # fmt: skip
+
+# Where the record lives on a BackgroundTask instance.
+RECORD_ATTR = "_bgtrace_record"
+
+QUEUED, CLAIMED, RUNNING, DONE, DROPPED = range(5)
+
+SUCCESS, FAILURE, CANCELLED = "success", "failure", "cancelled"
+REQUEST_ERROR = "request_error"
+EARLIER_TASK_FAILED = "earlier_task_failed"
+NOT_ATTACHED = "not_attached"
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+class TaskRecord:
+    __slots__ = (
+        "__weakref__", "config", "dependency", "enqueued_at", "name", "origin", "parent",
+        "qualname", "route", "series", "span", "started_at", "status", "token",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        config: Config,
+        series: TaskSeries,
+        name: str,
+        qualname: str,
+        origin: str,
+        dependency: str | None,
+        route: str,
+        parent: trace.SpanContext | None,
+    ) -> None:
+        self.config = config
+        self.series = series
+        self.name = name
+        self.qualname = qualname
+        self.origin = origin
+        self.dependency = dependency
+        self.route = route
+        self.parent = parent
+        self.status = QUEUED
+        self.enqueued_at = perf_counter()
+        self.started_at = 0.0
+        self.span: trace.Span | None = None
+        self.token: object = None
+
+    def claim(self) -> bool:
+        """Take the task for running; a task runs instrumented at most once."""
+        if self.status != QUEUED:
+            return False
+        self.status = CLAIMED
+        return True
+
+    def start(self) -> None:
+        self.status = RUNNING
+        self.started_at = now = perf_counter()
+        wait = now - self.enqueued_at
+        try:
+            series = self.series
+            series.queue_length.dec()
+            series.in_progress.inc()
+            series.queue_wait.observe(wait)
+        except Exception:
+            logs.internal_error("task start metrics")
+        if self.config.tracing():
+            try:
+                self._start_span(wait)
+            except Exception:
+                logs.internal_error("task span start")
+
+    def _start_span(self, wait: float) -> None:
+        attributes: dict[str, str | float] = {ATTR_FUNCTION: self.name, ATTR_ORIGIN: self.origin}
+        if self.dependency is not None:
+            attributes[ATTR_DEPENDENCY] = self.dependency
+        if self.route != NO_ROUTE:
+            attributes[ATTR_ROUTE] = self.route
+        attributes[ATTR_WAIT] = wait
+        ctx, links = task_parent(self.parent, self.config.trace_mode)
+        span = self.config.tracer.start_span(
+            SPAN_PREFIX + self.qualname,
+            context=ctx,
+            kind=trace.SpanKind.INTERNAL,
+            attributes=attributes,
+            links=links,
+        )
+        self.span = span
+        # The task's own spans (HTTP clients, DB calls) nest under its span.
+        self.token = otel_context.attach(trace.set_span_in_context(span))
+
+    def finish(self, exc: BaseException | None) -> None:
+        self.status = DONE
+        elapsed = perf_counter() - self.started_at
+        if exc is None:
+            outcome, etype = SUCCESS, None
+        elif is_cancellation(exc):
+            outcome, etype = CANCELLED, None
+        else:
+            outcome, etype = FAILURE, error_type(exc)
+        trace_id = self._end_span(exc, etype)
+        try:
+            series = self.series
+            series.in_progress.dec()
+            if trace_id is not None:
+                series.duration.observe(elapsed, {"trace_id": trace_id})
+            else:
+                series.duration.observe(elapsed)
+            series.completed[outcome].inc()
+            if etype is not None:
+                series.count_failure(etype)
+        except Exception:
+            logs.internal_error("task end metrics")
+        if etype is not None:
+            logs.task_failed(self.name, self.origin, self.route, etype, trace_id or "-")
+
+    def _end_span(self, exc: BaseException | None, etype: str | None) -> str | None:
+        """End the span; return its trace id when sampled, for the exemplar and the log."""
+        span = self.span
+        if span is None:
+            return None
+        try:
+            if self.token is not None:
+                otel_context.detach(self.token)  # type: ignore[arg-type]
+                self.token = None
+            if etype is not None and exc is not None:
+                record_failure(span, exc, etype)
+            span.end()
+            ctx = span.get_span_context()
+            return format(ctx.trace_id, "032x") if ctx.trace_flags.sampled else None
+        except Exception:
+            logs.internal_error("task span end")
+            return None
+
+    def drop(self, reason: str) -> None:
+        """Count a task that will never start. No-op once it started or was dropped."""
+        if self.status not in (QUEUED, CLAIMED):
+            return
+        self.status = DROPPED
+        try:
+            self.series.queue_length.dec()
+            self.series.count_drop(reason)
+        except Exception:
+            logs.internal_error("task drop metrics")
+
+
+def track(task: Any) -> None:
+    """Record ``task`` as queued now. Called right after a ``BackgroundTask`` is created."""
+    try:
+        if RECORD_ATTR in task.__dict__:
+            return
+        state = current.get()
+        config = state.config if state is not None else default_config()
+        module, qualname = task_name(getattr(task, "func", None))
+        name = qualified(module, qualname)
+        if state is not None:
+            route, route_obj = state.route()
+            origin, dependency = detect(route_obj, state.stop_code)
+        else:
+            route, origin, dependency = NO_ROUTE, OTHER, None
+        span = trace.get_current_span()
+        parent = span.get_span_context()
+        if span.is_recording():
+            span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
+        series = config.metrics.series(name, origin, route)
+        record = TaskRecord(
+            config,
+            series,
+            name,
+            qualname,
+            origin,
+            dependency if origin == DEPENDENCY else None,
+            series.labels[2],
+            parent if parent.is_valid else None,
+        )
+        task.__dict__[RECORD_ATTR] = record
+        series.enqueued.inc()
+        series.queue_length.inc()
+        if state is not None:
+            state.records.append(record)
+        else:
+            # Outside a request nobody sees the end of the task's life: count it dropped if
+            # it is garbage collected without having run.
+            weakref.finalize(task, record.drop, NOT_ATTACHED)
+    except Exception:
+        logs.internal_error("task queued")
+
+
+async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
+    """Run one task through ``call`` (the original ``BackgroundTask.__call__``), measured."""
+    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
+    state = current.get()
+    if state is not None:
+        state.background_ran = True
+    if record is None or not record.claim():
+        await call(task)
+        return
+    if getattr(task, "is_async", True):
+        record.start()
+        try:
+            await call(task)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return
+    # A def task: it starts when a threadpool thread picks it up, not when it is awaited, so
+    # that a saturated threadpool shows as queue wait. Swap in a wrapper for this one call.
+    func = task.func
+    task.func = _ThreadStart(func, record)
+    try:
+        await call(task)
+    except BaseException as exc:
+        if record.status == CLAIMED:
+            # Cancelled while waiting for a thread: it never started.
+            record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
+        raise
+    finally:
+        task.func = func
+
+
+class _ThreadStart:
+    """Wraps a def task so that start and end are recorded inside its worker thread."""
+
+    __slots__ = ("__wrapped__", "record")
+
+    def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
+        self.__wrapped__ = func
+        self.record = record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        record = self.record
+        record.start()
+        try:
+            result = self.__wrapped__(*args, **kwargs)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return result
+
+
+async def run_tasks(container: Any, call: Callable[[Any], Awaitable[None]]) -> None:
+    """Run a ``BackgroundTasks`` through ``call``; count the tasks a failure left unstarted."""
+    state = current.get()
+    if state is not None:
+        state.background_ran = True
+    try:
+        await call(container)
+    except BaseException as exc:
+        reason = CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED
+        for task in list(getattr(container, "tasks", ())):
+            record = getattr(task, "__dict__", {}).get(RECORD_ATTR)
+            if record is not None:
+                record.drop(reason)
+        raise
+
+
+def finish_request(state: RequestState, exc: BaseException | None) -> None:
+    """At the end of a request: count its never-started tasks as dropped, time the tail."""
+    try:
+        end = perf_counter()
+        pending = [r for r in state.records if r.status in (QUEUED, CLAIMED)]
+        if pending:
+            reason = _drop_reason(state, exc)
+            for record in pending:
+                record.drop(reason)
+        if (state.records or state.background_ran) and state.response_done_at is not None:
+            metrics = state.config.metrics
+            route = metrics.route(state.route()[0])
+            metrics.post_response.labels(route).observe(end - state.response_done_at)
+    except Exception:
+        logs.internal_error("request end")
+
+
+def _drop_reason(state: RequestState, exc: BaseException | None) -> str:
+    if exc is not None and is_cancellation(exc):
+        return CANCELLED
+    if state.background_ran:
+        # The response ran a background of its own: ours were never handed to it.
+        return NOT_ATTACHED
+    if exc is not None or state.status is None or state.status >= 400:
+        return REQUEST_ERROR
+    return NOT_ATTACHED

@@ -1,0 +1,63 @@
+"""OpenTelemetry spans: one per task, and the request span bgtrace opens when nobody else did."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+
+SPAN_PREFIX = "bgtask "
+ATTR_FUNCTION = "code.function.name"
+ATTR_ORIGIN = "bgtask.origin"
+ATTR_DEPENDENCY = "bgtask.dependency"
+ATTR_WAIT = "bgtask.queue.wait_duration"
+ATTR_ROUTE = "http.route"
+ATTR_ERROR_TYPE = "error.type"
+EVENT_ENQUEUED = "bgtask.enqueued"
+
+_KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def task_parent(parent: trace.SpanContext | None, mode: str) -> tuple[Context, list[trace.Link]]:
+    """The context to start a task span in, and its links, for ``trace_mode``."""
+    if parent is None:
+        return Context(), []
+    if mode == "link":
+        return Context(), [trace.Link(parent)]
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context()), []
+
+
+def record_failure(span: trace.Span, exc: BaseException, error_type: str) -> None:
+    """Mark ``span`` failed without the exception's message, which may quote task arguments."""
+    span.set_status(trace.Status(trace.StatusCode.ERROR, error_type))
+    span.set_attribute(ATTR_ERROR_TYPE, error_type)
+    stack = "".join(traceback.format_tb(exc.__traceback__)) + error_type
+    span.add_event(
+        "exception",
+        {"exception.type": error_type, "exception.stacktrace": stack, "exception.escaped": "True"},
+    )
+
+
+def http_method(raw: object) -> str:
+    """The method for attributes and span names; unknown ones become ``_OTHER`` (bounded)."""
+    return raw if isinstance(raw, str) and raw in _KNOWN_METHODS else "_OTHER"
+
+
+class HeaderGetter(Getter[Iterable[tuple[bytes, bytes]]]):
+    """Reads W3C trace context from raw ASGI headers; malformed values extract nothing."""
+
+    def get(self, carrier: Iterable[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        wanted = key.lower().encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier if k.lower() == wanted]
+        return values or None
+
+    def keys(self, carrier: Iterable[tuple[bytes, bytes]]) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+header_getter = HeaderGetter()
