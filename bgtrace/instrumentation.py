@@ -17,12 +17,6 @@ from .records import RECORD_ATTR, run_task, run_tasks, track
 
 P = ParamSpec("P")
 
-# (class, attribute) pairs we replace.
-_TARGETS = (
-    (background.BackgroundTask, "__init__"),
-    (background.BackgroundTask, "__call__"),
-    (background.BackgroundTasks, "__call__"),
-)
 # The functions Starlette shipped, captured at import: our own BackgroundTasks runs tasks
 # through them whether or not the classes are patched.
 _TASK_INIT = background.BackgroundTask.__init__
@@ -64,26 +58,40 @@ def _wrap_tasks_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return __call__
 
 
-_FACTORIES = {
-    (background.BackgroundTask, "__init__"): _wrap_init,
-    (background.BackgroundTask, "__call__"): _wrap_task_call,
-    (background.BackgroundTasks, "__call__"): _wrap_tasks_call,
-}
+def _targets() -> list[tuple[type, str, Callable[[Any], Any]]]:
+    """(class, method, wrapper factory) for everything we patch.
+
+    FastAPI's ``BackgroundTasks`` overrides ``__call__`` in recent releases (to trace each
+    task), so a container class is patched wherever it defines its own ``__call__``.
+    """
+    targets: list[tuple[type, str, Callable[[Any], Any]]] = [
+        (background.BackgroundTask, "__init__", _wrap_init),
+        (background.BackgroundTask, "__call__", _wrap_task_call),
+        (background.BackgroundTasks, "__call__", _wrap_tasks_call),
+    ]
+    try:
+        from fastapi import background as fastapi_background
+    except ImportError:
+        return targets
+    containers = getattr(fastapi_background, "BackgroundTasks", None)
+    if isinstance(containers, type) and "__call__" in containers.__dict__:
+        targets.append((containers, "__call__", _wrap_tasks_call))
+    return targets
 
 
 def instrument() -> None:
     """Measure every Starlette/FastAPI background task. Safe to call any number of times."""
     global _enabled
     with _lock:
-        for target in _TARGETS:
-            cls, name = target
+        for cls, name, factory in _targets():
+            target = (cls, name)
             if target in _wrappers:
                 # Still in place (maybe under another instrumentation's wrapper): reuse it.
                 continue
             original = cls.__dict__[name]
-            wrapper = _FACTORIES[target](original)
+            wrapper = factory(original)
             wrapper.__qualname__ = f"{cls.__qualname__}.{name}"
-            wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+            wrapper.__wrapped__ = original
             _originals[target] = original
             _wrappers[target] = wrapper
             setattr(cls, name, wrapper)
@@ -99,9 +107,9 @@ def uninstrument() -> None:
     global _enabled
     with _lock:
         _enabled = False
-        for target in _TARGETS:
+        for target in list(_wrappers):
             cls, name = target
-            wrapper = _wrappers.get(target)
+            wrapper = _wrappers[target]
             if wrapper is not None and cls.__dict__.get(name) is wrapper:
                 setattr(cls, name, _originals.pop(target))
                 del _wrappers[target]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+import bgtrace
+from tests import apps
+
+
+@pytest.fixture(autouse=True)
+def _instrumented() -> Iterator[None]:
+    """Every test starts instrumented and with an empty task log, whatever the last one did."""
+    bgtrace.instrument()
+    apps.done.clear()
+    yield
+    bgtrace.instrument()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+class Samples:
+    """Reads bgtrace samples from a registry; absent series read as 0."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of ``name`` over every series whose labels include ``labels``."""
+        found = 0.0
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    found += sample.value
+        return found
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {
+            sample.labels[label]
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == name and label in sample.labels
+        }
+
+
+@pytest.fixture
+def samples(registry: CollectorRegistry) -> Samples:
+    return Samples(registry)
