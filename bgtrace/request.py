@@ -10,10 +10,9 @@ import types
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import BaseRoute
 from starlette.types import Scope
 
-from .routes import NO_ROUTE, resolve
+from .routes import NO_ROUTE, Resolved, resolve
 
 if TYPE_CHECKING:
     from .config import Config
@@ -39,9 +38,9 @@ class RequestState:
         self.background_ran = False
         self.status: int | None = None
         self.response_done_at: float | None = None
-        self._route: tuple[str, BaseRoute | None] | None = None
+        self._route: Resolved | None = None
 
-    def route(self) -> tuple[str, BaseRoute | None]:
+    def route(self) -> Resolved:
         found = self._route
         if found is None:
             try:

@@ -9,7 +9,8 @@ from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import Scope
 
 NO_ROUTE = "none"
-Resolved = tuple[str, BaseRoute | None]
+# (template, the object routing selected: a route, or FastAPI's per-inclusion route context)
+Resolved = tuple[str, Any]
 # Mounts nest a handful of levels in real apps; the bound keeps a pathological tree cheap.
 _MAX_DEPTH = 16
 
@@ -26,23 +27,55 @@ def find_router_app(app: Any) -> Any:
 def resolve(live_scope: Scope, request_scope: Scope, router_app: Any) -> Resolved:
     """Return ``(template, route)`` for a request.
 
-    ``live_scope`` is the scope as the app mutated it: after routing Starlette has put the
-    matched ``route`` in it, and when no mount changed ``root_path`` that route's path is the
-    whole template. Otherwise match again from the top on ``request_scope``, the scope as it
-    arrived, joining mount prefixes.
+    ``live_scope`` is the scope as the app mutated it while routing, ``request_scope`` a copy
+    of it as it arrived. The router leaves the selected route in the live scope; when a mount
+    changed ``root_path`` on the way, the mounts' prefixes are matched again from the top.
     """
-    route = live_scope.get("route")
-    if (
-        route is not None
-        and not isinstance(route, (Mount, Host))
-        and live_scope.get("root_path", "") == request_scope.get("root_path", "")
-    ):
-        path = getattr(route, "path", None)
+    template, route = _selected(live_scope)
+    if route is None:
+        # Not routed (404, or a task queued before routing): match from the top.
+        if router_app is None:
+            return NO_ROUTE, None
+        return _match(router_app.routes, request_scope, "", 0)
+    if live_scope.get("root_path", "") == request_scope.get("root_path", ""):
+        return template, route
+    prefix = _mount_prefix(router_app.routes, request_scope, "", 0) if router_app else ""
+    return (prefix + template) or "/", route
+
+
+def _selected(scope: Scope) -> Resolved:
+    # FastAPI 0.12x+ includes routers lazily: the route's own path lacks the include prefix,
+    # which only its per-inclusion context carries (with the dependant actually solved).
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        context = fastapi_scope.get("effective_route_context")
+        path = getattr(context, "path_format", None)
         if isinstance(path, str):
-            return path, route
-    if router_app is None:
+            return path, context
+    route = scope.get("route")
+    if route is None:
         return NO_ROUTE, None
-    return _match(router_app.routes, request_scope, "", 0)
+    if isinstance(route, (Mount, Host)):
+        # A mounted app without routes of its own: the prefix is the whole template.
+        return "", route
+    path = getattr(route, "path", None)
+    return (path, route) if isinstance(path, str) else (NO_ROUTE, None)
+
+
+def _mount_prefix(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> str:
+    if depth >= _MAX_DEPTH:
+        return prefix
+    for route in routes:
+        if not isinstance(route, (Mount, Host)):
+            continue
+        try:
+            match, child_scope = route.matches(scope)
+        except Exception:
+            continue
+        if match is Match.FULL:
+            path = route.path if isinstance(route, Mount) else ""
+            return _mount_prefix(route.routes, {**scope, **child_scope}, prefix + path, depth + 1)
+    return prefix
 
 
 def _match(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> Resolved:
@@ -63,9 +96,7 @@ def _match(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -
     return NO_ROUTE, None
 
 
-def _descend(
-    route: BaseRoute, scope: Scope, prefix: str, depth: int
-) -> tuple[str, BaseRoute | None]:
+def _descend(route: BaseRoute, scope: Scope, prefix: str, depth: int) -> Resolved:
     path = getattr(route, "path", "") if not isinstance(route, Host) else ""
     template = prefix + (path if isinstance(path, str) else "")
     if isinstance(route, (Mount, Host)) and depth < _MAX_DEPTH:

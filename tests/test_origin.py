@@ -1,0 +1,160 @@
+"""``origin`` and ``bgtask.dependency``: who queued the task."""
+
+# No "from __future__ import annotations": FastAPI must see the Annotated[...] objects.
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any
+
+import pytest
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from bgtrace import BackgroundTaskMiddleware
+from tests import apps
+from tests.conftest import Samples
+
+LOG = "tests.apps.write_log"
+
+
+def sync_dep(background_tasks: BackgroundTasks) -> None:
+    background_tasks.add_task(apps.write_log, "sync")
+
+
+async def async_dep(background_tasks: BackgroundTasks) -> None:
+    background_tasks.add_task(apps.write_log, "async")
+
+
+def gen_dep(background_tasks: BackgroundTasks) -> Iterator[None]:
+    background_tasks.add_task(apps.write_log, "gen")
+    yield
+
+
+async def agen_dep(background_tasks: BackgroundTasks) -> AsyncIterator[None]:
+    background_tasks.add_task(apps.write_log, "agen")
+    yield
+
+
+def outer_dep(inner: None = Depends(sync_dep)) -> None:
+    """Queues nothing itself: the task comes from its sub-dependency."""
+
+
+class ClassDep:
+    def __init__(self, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_log, "class")
+
+
+class CallableDep:
+    def __call__(self, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_log, "callable")
+
+
+def helper(background_tasks: BackgroundTasks) -> None:
+    background_tasks.add_task(apps.write_log, "helper")
+
+
+def passthrough(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await func(*args, **kwargs)
+
+    return wrapper
+
+
+def build(registry: CollectorRegistry, **app_kwargs: Any) -> FastAPI:
+    app = FastAPI(**app_kwargs)
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    router = APIRouter(prefix="/r", dependencies=[Depends(async_dep)])
+
+    def annotated(path: str, dep: Any) -> None:
+        @app.get(path)
+        async def endpoint(_: Annotated[Any, Depends(dep)]) -> None:
+            pass
+
+    for path, dep in {
+        "/sync": sync_dep, "/async": async_dep, "/gen": gen_dep, "/agen": agen_dep,
+        "/sub": outer_dep, "/class": ClassDep, "/callable": CallableDep(),
+    }.items():  # fmt: skip
+        annotated(path, dep)
+
+    @app.get("/plain-depends")
+    def plain(_: None = Depends(sync_dep)) -> None:
+        pass
+
+    @app.get("/helper")
+    def via_helper(background_tasks: BackgroundTasks) -> None:
+        helper(background_tasks)
+
+    @app.get("/decorated")
+    @passthrough
+    async def decorated(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_log, "decorated")
+
+    @router.get("/router-dep")
+    async def router_dep() -> None:
+        pass
+
+    app.include_router(router)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("path", "dependency"),
+    [
+        ("/sync", "tests.test_origin.sync_dep"),
+        ("/async", "tests.test_origin.async_dep"),
+        ("/gen", "tests.test_origin.gen_dep"),
+        ("/agen", "tests.test_origin.agen_dep"),
+        ("/sub", "tests.test_origin.sync_dep"),
+        ("/class", "tests.test_origin.ClassDep"),
+        ("/callable", "tests.test_origin.CallableDep"),
+        ("/plain-depends", "tests.test_origin.sync_dep"),
+        ("/r/router-dep", "tests.test_origin.async_dep"),
+    ],
+)
+def test_dependency_origin(
+    registry: CollectorRegistry, samples: Samples, path: str, dependency: str
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    assert TestClient(build(registry)).get(path).status_code == 200
+    assert samples("bgtask_completed_total", task=LOG, origin="dependency", route=path,
+                   outcome="success") == 1  # fmt: skip
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = build(CollectorRegistry())
+    app.user_middleware[0].kwargs["tracer_provider"] = provider
+    TestClient(app).get(path)
+    (task,) = [s for s in exporter.get_finished_spans() if s.name.startswith("bgtask")]
+    assert (task.attributes or {})["bgtask.dependency"] == dependency
+
+
+@pytest.mark.parametrize("path", ["/helper", "/decorated"])
+def test_handler_origin(registry: CollectorRegistry, samples: Samples, path: str) -> None:
+    TestClient(build(registry)).get(path)
+    assert samples("bgtask_completed_total", task=LOG, origin="handler", route=path,
+                   outcome="success") == 1  # fmt: skip
+
+
+def test_app_level_dependencies(registry: CollectorRegistry, samples: Samples) -> None:
+    app = build(registry, dependencies=[Depends(gen_dep)])
+    TestClient(app).get("/helper")
+    assert samples("bgtask_completed_total", task=LOG, origin="dependency", route="/helper",
+                   outcome="success") == 1  # fmt: skip
+    assert samples("bgtask_completed_total", task=LOG, origin="handler", route="/helper",
+                   outcome="success") == 1  # fmt: skip
+
+
+def test_dependency_override_is_a_dependency(registry: CollectorRegistry, samples: Samples) -> None:
+    def override(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_log, "override")
+
+    app = build(registry)
+    app.dependency_overrides[sync_dep] = override
+    TestClient(app).get("/sync")
+    assert samples("bgtask_completed_total", task=LOG, origin="dependency", route="/sync",
+                   outcome="success") == 1  # fmt: skip
