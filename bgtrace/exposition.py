@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
+import threading
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def forget_process_at_exit() -> None:
+    """In multiprocess mode, drop this process's live-sum gauges when it exits.
+
+    Counters and histograms of a dead worker stay in the sum (they are totals); its gauges
+    would otherwise report tasks queued or running forever.
+    """
+    global _exit_hook_registered
+    if not os.environ.get(MULTIPROC_ENV):
+        return
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            _exit_hook_registered = True
+            atexit.register(_forget_process, os.getpid())
+
+
+def _forget_process(pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child inherited the hook; it is not the process that registered
+    try:
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    except Exception:
+        logs.internal_error("multiprocess exit")
 
 
 def _header(scope: Scope, name: bytes) -> str:
