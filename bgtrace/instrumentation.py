@@ -24,6 +24,7 @@ _TASK_CALL = background.BackgroundTask.__call__
 _TASKS_CALL = background.BackgroundTasks.__call__
 
 _lock = threading.Lock()
+_factories: dict[tuple[type, str], Callable[[Any], Any]] = {}
 _originals: dict[tuple[type, str], Any] = {}
 _wrappers: dict[tuple[type, str], Any] = {}
 _enabled = False
@@ -38,12 +39,20 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
+# opentelemetry-instrumentation-fastapi replaces BackgroundTask.__call__ by hand, keeping the
+# method it replaced under this class attribute, and puts it back on uninstrument_app().
+_OTEL_SAVED_CALL = "_otel_original_call"
+
+
 def _wrap_task_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
     async def __call__(self: Any) -> None:
-        if _enabled:
-            await run_task(self, original)
-        else:
+        if not _enabled:
             await original(self)
+            return
+        # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
+        # directly: our span, in the same trace, replaces theirs, so each task has one span.
+        saved = background.BackgroundTask.__dict__.get(_OTEL_SAVED_CALL)
+        await run_task(self, saved if saved is _TASK_CALL and original is not saved else original)
 
     return __call__
 
@@ -88,14 +97,37 @@ def instrument() -> None:
             if target in _wrappers:
                 # Still in place (maybe under another instrumentation's wrapper): reuse it.
                 continue
-            original = cls.__dict__[name]
-            wrapper = factory(original)
-            wrapper.__qualname__ = f"{cls.__qualname__}.{name}"
-            wrapper.__wrapped__ = original
-            _originals[target] = original
-            _wrappers[target] = wrapper
-            setattr(cls, name, wrapper)
+            _install(cls, name, factory)
         _enabled = True
+
+
+def _install(cls: type, name: str, factory: Callable[[Any], Any]) -> None:
+    target = (cls, name)
+    original = cls.__dict__[name]
+    wrapper = factory(original)
+    wrapper.__qualname__ = f"{cls.__qualname__}.{name}"
+    wrapper.__wrapped__ = original
+    _originals[target] = original
+    _wrappers[target] = wrapper
+    _factories[target] = factory
+    setattr(cls, name, wrapper)
+
+
+def ensure_instrumented() -> None:
+    """Wrap again where another library's uninstrument put the framework's own method back.
+
+    OpenTelemetry's ``uninstrument_app()`` restores the method it found, dropping a wrapper
+    installed after it; without this, queued tasks would run unmeasured. Cheap: a few dict
+    lookups, called once per request.
+    """
+    if not _enabled:
+        return
+    for (cls, name), wrapper in list(_wrappers.items()):
+        current = cls.__dict__.get(name)
+        if current is not wrapper and getattr(current, "__module__", None) == cls.__module__:
+            with _lock:
+                if cls.__dict__.get(name) is current and _enabled:
+                    _install(cls, name, _factories[(cls, name)])
 
 
 def uninstrument() -> None:

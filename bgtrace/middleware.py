@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import logs
 from .config import Config, TraceMode
 from .exposition import forget_process_at_exit, metrics_app
-from .instrumentation import instrument
+from .instrumentation import ensure_instrumented, instrument
 from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
 from .records import finish_request
 from .request import RequestState, current
@@ -70,6 +70,7 @@ class BackgroundTaskMiddleware:
             await self._metrics_app(scope, receive, send)
             return
 
+        ensure_instrumented()
         config = self._config
         # Starlette puts the application in the scope before its middleware stack runs; a
         # middleware wrapped around the app by hand finds the routes through self.app.

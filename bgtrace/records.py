@@ -31,6 +31,7 @@ from .spans import (
     ATTR_WAIT,
     EVENT_ENQUEUED,
     SPAN_PREFIX,
+    foreign_task_span,
     record_failure,
     task_parent,
 )  # fmt: skip
@@ -52,8 +53,8 @@ def is_cancellation(exc: BaseException) -> bool:
 
 class TaskRecord:
     __slots__ = (
-        "__weakref__", "config", "dependency", "enqueued_at", "name", "origin", "parent",
-        "qualname", "route", "series", "span", "started_at", "status", "token",
+        "__weakref__", "adopted", "config", "dependency", "enqueued_at", "name", "origin",
+        "parent", "qualname", "route", "series", "span", "started_at", "status", "token",
     )  # fmt: skip
 
     def __init__(
@@ -79,6 +80,7 @@ class TaskRecord:
         self.enqueued_at = perf_counter()
         self.started_at = 0.0
         self.span: trace.Span | None = None
+        self.adopted = False
         self.token: object = None
 
     def claim(self) -> bool:
@@ -112,6 +114,13 @@ class TaskRecord:
         if self.route != NO_ROUTE:
             attributes[ATTR_ROUTE] = self.route
         attributes[ATTR_WAIT] = wait
+        if self.config.trace_mode == "child":
+            foreign = foreign_task_span()
+            if foreign is not None:
+                # One span per task: theirs, already current and in the request's trace.
+                foreign.set_attributes(attributes)
+                self.span, self.adopted = foreign, True
+                return
         ctx, links = task_parent(self.parent, self.config.trace_mode)
         span = self.config.tracer.start_span(
             SPAN_PREFIX + self.qualname,
@@ -160,7 +169,8 @@ class TaskRecord:
                 self.token = None
             if etype is not None and exc is not None:
                 record_failure(span, exc, etype)
-            span.end()
+            if not self.adopted:
+                span.end()  # an adopted span is ended by whoever opened it
             ctx = span.get_span_context()
             return format(ctx.trace_id, "032x") if ctx.trace_flags.sampled else None
         except Exception:
@@ -262,6 +272,10 @@ class _ThreadStart:
     def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
         self.__wrapped__ = func
         self.record = record
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that names the task from task.func (other instrumentations do) sees the task.
+        return getattr(self.__wrapped__, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record

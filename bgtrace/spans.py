@@ -18,6 +18,12 @@ ATTR_ROUTE = "http.route"
 ATTR_ERROR_TYPE = "error.type"
 EVENT_ENQUEUED = "bgtask.enqueued"
 
+# Spans other instrumentations open around each task's call: FastAPI's own telemetry, and
+# opentelemetry-instrumentation-fastapi (0.63b0+). bgtrace adds its attributes to such a span
+# instead of opening a second span for the same task.
+_FOREIGN_TASK_SPAN = "fastapi.background_task"
+_FOREIGN_TASK_SPAN_PREFIX = "BackgroundTask "
+
 _KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 )
@@ -30,6 +36,19 @@ def task_parent(parent: trace.SpanContext | None, mode: str) -> tuple[Context, l
     if mode == "link":
         return Context(), [trace.Link(parent)]
     return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context()), []
+
+
+def foreign_task_span() -> trace.Span | None:
+    """The span another instrumentation opened around this task's call, if one is current."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return None
+    name = getattr(span, "name", None)
+    if isinstance(name, str) and (
+        name == _FOREIGN_TASK_SPAN or name.startswith(_FOREIGN_TASK_SPAN_PREFIX)
+    ):
+        return span
+    return None
 
 
 def record_failure(span: trace.Span, exc: BaseException, error_type: str) -> None:
