@@ -83,8 +83,9 @@ def test_fastapi_builtin_telemetry_one_span_per_task(
 
 @pytest.fixture
 def otel_instrumentor() -> Iterator[type]:
-    instrumentation = pytest.importorskip("opentelemetry.instrumentation.fastapi")
-    yield instrumentation.FastAPIInstrumentor
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    yield FastAPIInstrumentor
     if hasattr(background.BackgroundTask, "_otel_original_call"):
         background.BackgroundTask.__call__ = background.BackgroundTask._otel_original_call  # type: ignore[attr-defined,method-assign]
         del background.BackgroundTask._otel_original_call  # type: ignore[attr-defined]
@@ -123,3 +124,83 @@ def test_opentelemetry_fastapi_instrumentor_one_span_per_task(
     assert len(_task_spans(exporter)) == 2
     assert samples.total("bgtask_completed_total", outcome="failure") == 2
     assert samples.total("bgtask_dropped_total") == 0
+
+
+def test_other_prometheus_middlewares_share_the_default_registry() -> None:
+    """prometheus-fastapi-instrumentator and starlette-exporter beside bgtrace, default registry.
+
+    bgtrace's middleware answers /metrics first (theirs never see it), serving the whole
+    default registry, so every tool's metrics are in the one response.
+    """
+    from prometheus_fastapi_instrumentator import Instrumentator
+    from starlette_exporter import PrometheusMiddleware, handle_metrics
+
+    app = apps.tutorial_app()
+    app.add_middleware(PrometheusMiddleware)
+    app.add_route("/metrics", handle_metrics)
+    Instrumentator().instrument(app).expose(app, endpoint="/metrics")
+    client = TestClient(app)
+    client.post("/send-notification/x")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    body = response.text
+    assert "bgtask_completed_total{" in body
+    assert "starlette_requests_total{" in body  # starlette-exporter
+    assert "http_request_duration_highr_seconds" in body  # the instrumentator
+    assert body.count("# TYPE bgtask_enqueued_total counter") == 1
+
+
+STARLETTE_ONLY = r"""
+import sys
+sys.modules["fastapi"] = None  # as if FastAPI were not installed
+import asyncio
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+import bgtrace
+
+async def ping(): pass
+
+async def single(request):
+    return PlainTextResponse("ok", background=BackgroundTask(ping))
+
+async def several(request):
+    tasks = BackgroundTasks()
+    tasks.add_task(ping)
+    return PlainTextResponse("ok", background=tasks)
+
+async def own(request):
+    tasks = bgtrace.BackgroundTasks()
+    tasks.add_task(ping)
+    return PlainTextResponse("ok", background=tasks)
+
+sub = Starlette(routes=[Route("/own/{n:int}", own)])
+app = Starlette(routes=[Route("/single", single), Mount("/v1", routes=[Route("/several", several)]),
+                        Mount("/sub", app=sub)])
+registry = CollectorRegistry()
+app.add_middleware(bgtrace.BackgroundTaskMiddleware, registry=registry)
+client = TestClient(app)
+for path in ("/single", "/v1/several", "/sub/own/3"):
+    assert client.get(path).status_code == 200
+for route in ("/single", "/v1/several", "/sub/own/{n:int}"):
+    labels = {"task": "__main__.ping", "origin": "other", "route": route, "outcome": "success"}
+    assert registry.get_sample_value("bgtask_completed_total", labels) == 1, route
+print("ok")
+"""
+
+
+def test_plain_starlette_without_fastapi_installed() -> None:
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", STARLETTE_ONLY], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

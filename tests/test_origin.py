@@ -158,3 +158,20 @@ def test_dependency_override_is_a_dependency(registry: CollectorRegistry, sample
     TestClient(app).get("/sync")
     assert samples("bgtask_completed_total", task=LOG, origin="dependency", route="/sync",
                    outcome="success") == 1  # fmt: skip
+
+
+def test_include_router_dependencies_are_dependencies(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    router = APIRouter()
+
+    @router.post("/items")
+    async def create() -> None:
+        pass
+
+    app.include_router(router, prefix="/v2", dependencies=[Depends(agen_dep)])
+    TestClient(app).post("/v2/items")
+    assert samples("bgtask_completed_total", task=LOG, origin="dependency", route="/v2/items",
+                   outcome="success") == 1  # fmt: skip

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import BackgroundTasks, FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -113,3 +114,38 @@ def test_worker_processes_aggregate_in_metrics(tmp_path: Path) -> None:
         assert total(samples, "bgtask_in_progress") == 0
         gauges = [ls for (n, ls) in samples if n in ("bgtask_queue_length", "bgtask_in_progress")]
         assert gauges and all("pid" not in dict(ls) for ls in gauges)
+
+
+SERVERS = {
+    "uvicorn": ["-m", "uvicorn", "tests.server_app:app", "--host", "127.0.0.1", "--port"],
+    "hypercorn": ["-m", "hypercorn", "tests.server_app:app", "--bind"],
+    "granian": ["-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
+                "tests.server_app:app", "--port"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_each_server_answers_before_tasks_and_gauges_return_to_zero(server: str) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    address = f"127.0.0.1:{port}" if server == "hypercorn" else str(port)
+    with serve_process([*SERVERS[server], address], {}, f"{url}/metrics"):
+        response = httpx.post(f"{url}/slow", timeout=10)
+        assert response.json() == {"status": "accepted"}  # while the first task holds
+
+        def holding() -> bool:
+            return total(scrape(url), "bgtask_in_progress", task="tests.server_app.hold") == 1
+
+        wait_for(holding, what="the first task to run")
+        assert total(scrape(url), "bgtask_queue_length", task=LOG) == 1
+        httpx.post(f"{url}/release", timeout=10)
+
+        def drained() -> bool:
+            samples = scrape(url)
+            return (
+                total(samples, "bgtask_completed_total", outcome="success") == 2
+                and total(samples, "bgtask_in_progress") == 0
+                and total(samples, "bgtask_queue_length") == 0
+            )
+
+        wait_for(drained, what="both tasks to complete and the gauges to return to 0")
