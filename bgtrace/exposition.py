@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import gzip
+import hmac
 import os
 import threading
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import logs
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+TOKEN_ENV = "BGTRACE_METRICS_TOKEN"
 
 
 _exit_hook_lock = threading.Lock()
@@ -52,6 +54,16 @@ def _header(scope: Scope, name: bytes) -> str:
     return ""
 
 
+def _authorized(scope: Scope, expected: bytes) -> bool:
+    given = b""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"authorization":
+            given = bytes(value)
+            break
+    # Constant time, so response timing does not reveal how much of a guess was right.
+    return hmac.compare_digest(given, expected)
+
+
 def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     if os.environ.get(MULTIPROC_ENV):
         # Every worker writes its own files; a fresh registry per scrape reads them all.
@@ -61,20 +73,28 @@ def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     return encoder(registry), content_type
 
 
-def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+def metrics_app(registry: CollectorRegistry | None = None, *, token: str | None = None) -> ASGIApp:
     """An ASGI app serving ``registry`` (default: prometheus_client's) for Prometheus.
 
     GET and HEAD; OpenMetrics when the scraper asks for it; gzip when accepted. With
     ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum of every worker process instead.
+    With ``token`` (default: the ``BGTRACE_METRICS_TOKEN`` environment variable, when set and
+    not empty) a scrape must send ``Authorization: Bearer <token>``; anything else gets 401.
     """
     source = REGISTRY if registry is None else registry
+    secret = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    expected = f"Bearer {secret}".encode() if secret else None
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if expected is not None and not _authorized(scope, expected):
+            challenge = [(b"www-authenticate", b'Bearer realm="metrics"')]
+            await _respond(send, 401, b"Unauthorized\n", "text/plain", challenge, head=False)
+            return
         if scope.get("method") not in ("GET", "HEAD"):
-            await _respond(send, 405, b"Method Not Allowed\n", "text/plain; charset=utf-8",
-                           [(b"allow", b"GET, HEAD")], head=False)  # fmt: skip
+            allow = [(b"allow", b"GET, HEAD")]
+            await _respond(send, 405, b"Method Not Allowed\n", "text/plain", allow, head=False)
             return
         try:
             body, content_type = _render(source, _header(scope, b"accept"))

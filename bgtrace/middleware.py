@@ -44,6 +44,7 @@ class BackgroundTaskMiddleware:
         request_spans: RequestSpans = "auto",
         buckets: Sequence[float] | None = None,
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+        metrics_token: str | None = None,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
@@ -56,7 +57,7 @@ class BackgroundTaskMiddleware:
         metrics = task_metrics(registry, namespace, buckets, max_label_values)
         self._config = Config.create(metrics, tracer_provider, trace_mode)
         self._metrics_path = metrics_path
-        self._metrics_app = metrics_app(registry)
+        self._metrics_app = metrics_app(registry, token=metrics_token)
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
         instrument()

@@ -15,6 +15,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from . import logs
 from .config import Config, default_config
@@ -108,7 +109,10 @@ class TaskRecord:
                 logs.internal_error("task span start")
 
     def _start_span(self, wait: float) -> None:
-        attributes: dict[str, str | float] = {ATTR_FUNCTION: self.name, ATTR_ORIGIN: self.origin}
+        attributes: dict[str, AttributeValue] = {
+            ATTR_FUNCTION: self.name,
+            ATTR_ORIGIN: self.origin,
+        }
         if self.dependency is not None:
             attributes[ATTR_DEPENDENCY] = self.dependency
         if self.route != NO_ROUTE:

@@ -103,17 +103,19 @@ def test_opentelemetry_fastapi_instrumentor_one_span_per_task(
     app = _app(registry, tracer_provider)
     client = TestClient(app, raise_server_exceptions=False)
     if order == "bgtrace_first":
-        client.post("/warm-up")  # builds the stack: bgtrace instruments
+        bgtrace.instrument()  # already on (autouse fixture): theirs goes on top
         otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
     else:
         bgtrace.uninstrument()
         otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
         bgtrace.instrument()
+    # Releases before 0.63b0 open no span per task: bgtrace's is then the only one.
+    wraps_tasks = hasattr(background.BackgroundTask, "_otel_original_call")
     exporter.clear()
     client.post("/notify/a@b.c")
     # Outside ours, their span is current when ours starts: bgtrace fills it in. Inside ours,
     # bgtrace calls past it: its own span replaces theirs.
-    prefix = "BackgroundTask " if order == "bgtrace_first" else "bgtask "
+    prefix = "BackgroundTask " if order == "bgtrace_first" and wraps_tasks else "bgtask "
     names = {prefix + "write_notification", prefix + "fail"}
     _assert_one_span_per_task_in_request_trace(exporter, names)
 

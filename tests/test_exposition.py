@@ -93,3 +93,25 @@ def test_metrics_app_mounts_anywhere(registry: CollectorRegistry) -> None:
     TestClient(apps.tutorial_app(registry=registry)).post("/send-notification/x")
     body = TestClient(app).get("/ops/metrics").text
     assert 'bgtask_enqueued_total{origin="handler"' in body
+
+
+@pytest.mark.parametrize("source", ["argument", "environment"])
+def test_bearer_token_guards_metrics(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    token = "s3cr3t-token"
+    if source == "environment":
+        monkeypatch.setenv("BGTRACE_METRICS_TOKEN", token)
+        app = apps.tutorial_app(registry=registry)
+    else:
+        app = apps.tutorial_app(registry=registry, metrics_token=token)
+    client = TestClient(app)
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token},
+                    {"authorization": f"Basic {token}"}, {"authorization": "Bearer " + "x" * 9000}):  # fmt: skip
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "bgtask" not in response.text
+    ok = client.get("/metrics", headers={"authorization": f"Bearer {token}"})
+    assert ok.status_code == 200 and "bgtask_" in ok.text
+    assert client.post("/send-notification/x").status_code == 200  # the app is untouched

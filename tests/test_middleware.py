@@ -105,8 +105,18 @@ def test_task_arguments_never_reach_metrics_spans_or_logs(
 
 
 def test_websocket_and_lifespan_pass_through(registry: CollectorRegistry) -> None:
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
     started: list[str] = []
-    app = FastAPI(on_startup=[lambda: started.append("up")])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started.append("up")
+        yield
+        started.append("down")
+
+    app = FastAPI(lifespan=lifespan)
     app.add_middleware(BackgroundTaskMiddleware, registry=registry)
 
     @app.websocket("/ws")
@@ -118,7 +128,7 @@ def test_websocket_and_lifespan_pass_through(registry: CollectorRegistry) -> Non
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:
         ws.send_text("ping")
         assert ws.receive_text() == "ping"
-    assert started == ["up"]
+    assert started == ["up", "down"]
 
 
 def test_metrics_path_none_leaves_the_path_to_the_app(registry: CollectorRegistry) -> None:
