@@ -18,6 +18,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 DEFAULT_MAX_LABEL_VALUES = 200
 OTHER = "other"
 TASK_LABELS = ("task", "origin", "route")
+# Lookup keys remembered per metrics set: far above the (task, origin, route) combinations
+# of a real app, and a bound on what run-time-made callables can pin in memory.
+_MAX_SERIES_KEYS = 4096
 
 OUTCOMES = ("success", "failure", "cancelled")
 DROP_REASONS = ("request_error", "earlier_task_failed", "cancelled", "not_attached")
@@ -176,9 +179,9 @@ class TaskMetrics:
             found = self._series.get(labels)
             if found is None:
                 found = self._series[labels] = TaskSeries(self, labels)
-            # Remember the raw key too, so the next lookup skips the limiters; capped values
-            # all map to one series, so this dict stays bounded by the caps.
-            if len(self._series) < 4 * self.max_label_values * self.max_label_values:
+            # Remember the raw key too, so the next lookup skips the limiters; past the bound
+            # (one-off callables made at run time), lookups just take the slower path.
+            if len(self._series) < _MAX_SERIES_KEYS:
                 self._series[key] = found
         return found
 

@@ -15,7 +15,7 @@ MAX_NAME_LENGTH = 200
 _MAX_PARTIAL_DEPTH = 32
 # Functions created at run time (exec, factories) each have their own code object: keep the
 # cache bounded so that naming them cannot grow memory.
-_MAX_CACHED_NAMES = 4096
+_MAX_CACHED_NAMES = 1024
 
 _function_names: dict[types.CodeType, tuple[str, str]] = {}
 

@@ -106,8 +106,14 @@ def test_bearer_token_guards_metrics(
     else:
         app = apps.tutorial_app(registry=registry, metrics_token=token)
     client = TestClient(app)
-    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token},
-                    {"authorization": f"Basic {token}"}, {"authorization": "Bearer " + "x" * 9000}):  # fmt: skip
+    refused = [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": token},
+        {"authorization": f"Basic {token}"},
+        {"authorization": "Bearer " + "x" * 9000},
+    ]
+    for headers in refused:
         response = client.get("/metrics", headers=headers)
         assert response.status_code == 401
         assert response.headers["www-authenticate"].startswith("Bearer")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from typing import Any
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI
@@ -14,6 +13,7 @@ from starlette.background import BackgroundTask
 
 from bgtrace import BackgroundTaskMiddleware
 from tests import apps
+from tests.asgi import call
 from tests.conftest import Samples
 
 LOG = "tests.apps.write_log"
@@ -79,26 +79,6 @@ def test_response_with_own_background_drops_dependency_tasks_as_not_attached(
                    route="/own-background", outcome="success") == 1  # fmt: skip
 
 
-async def _drive(app: Any, path: str) -> list[dict[str, Any]]:
-    """Call ``app`` once like a server would, returning what it sent."""
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-        "query_string": b"", "headers": [(b"host", b"test")], "server": ("test", 80),
-        "client": ("127.0.0.1", 1),
-    }  # fmt: skip
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 def test_cancellation_counts_running_task_cancelled_and_queued_dropped(
     registry: CollectorRegistry, samples: Samples
 ) -> None:
@@ -113,7 +93,7 @@ def test_cancellation_counts_running_task_cancelled_and_queued_dropped(
         return {}
 
     async def scenario() -> None:
-        request = asyncio.ensure_future(_drive(app, "/slow"))
+        request = asyncio.ensure_future(call(app, "/slow"))
         for _ in range(500):
             if gate.entered.is_set():
                 break
@@ -145,7 +125,7 @@ def test_sync_task_waiting_for_a_thread_when_cancelled_is_dropped(
     monkeypatch.setattr(background, "run_in_threadpool", never_gets_a_thread)
     app = apps.tutorial_app(registry=registry)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(_drive(app, "/send-notification/x"))
+        asyncio.run(call(app, "/send-notification/x"))
     assert samples("bgtask_dropped_total", task="tests.apps.write_notification",
                    origin="handler", route="/send-notification/{email}",
                    reason="cancelled") == 1  # fmt: skip
