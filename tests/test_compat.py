@@ -6,7 +6,7 @@ import importlib.util
 from collections.abc import Iterator
 
 import pytest
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -206,3 +206,75 @@ def test_plain_starlette_without_fastapi_installed() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_base_http_middleware_in_the_stack(
+    where: str, registry: CollectorRegistry, samples: Samples
+) -> None:
+    """@app.middleware("http") runs the app in a task of its own (Starlette #919, #1438)."""
+    from collections.abc import Awaitable, Callable
+
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    app = FastAPI()
+
+    async def passthrough(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        return await call_next(request)
+
+    if where == "inside":  # added first: innermost
+        app.middleware("http")(passthrough)
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    if where == "outside":
+        app.middleware("http")(passthrough)
+
+    @app.post("/send-notification/{email}")
+    async def send(
+        email: str, background_tasks: BackgroundTasks, q: str | None = Depends(apps.get_query)
+    ) -> None:
+        background_tasks.add_task(apps.write_notification, email)
+
+    client = TestClient(app)
+    for _ in range(3):
+        assert client.post("/send-notification/x?q=1").status_code == 200
+    route = "/send-notification/{email}"
+    assert samples("bgtask_completed_total", task="tests.apps.write_notification",
+                   origin="handler", route=route, outcome="success") == 3  # fmt: skip
+    assert samples("bgtask_completed_total", task="tests.apps.write_log",
+                   origin="dependency", route=route, outcome="success") == 3  # fmt: skip
+    assert samples.total("bgtask_dropped_total") == 0
+    assert samples("bgtask_post_response_seconds_count", route=route) == 3
+
+
+def test_task_queued_after_yield_is_accounted_truthfully(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """FastAPI changed when a yield dependency's exit code runs (0.106, 0.118: #14137).
+
+    Whether the framework still runs a task queued there depends on the version; bgtrace's
+    numbers must say what happened either way.
+    """
+    from collections.abc import Iterator
+
+    def session(background_tasks: BackgroundTasks) -> Iterator[None]:
+        yield
+        background_tasks.add_task(apps.write_log, "queued after yield")
+
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+
+    @app.post("/after-yield")
+    async def endpoint(_: None = Depends(session)) -> None:
+        pass
+
+    TestClient(app).post("/after-yield")
+    labels = {"task": "tests.apps.write_log", "origin": "dependency", "route": "/after-yield"}
+    assert samples("bgtask_enqueued_total", **labels) == 1
+    if "queued after yield" in apps.done:
+        assert samples("bgtask_completed_total", outcome="success", **labels) == 1
+    else:
+        assert samples("bgtask_dropped_total", reason="not_attached", **labels) == 1
+    assert samples.total("bgtask_queue_length") == 0
