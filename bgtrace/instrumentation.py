@@ -25,6 +25,7 @@ _TASKS_CALL = background.BackgroundTasks.__call__
 
 _lock = threading.Lock()
 _factories: dict[tuple[type, str], Callable[[Any], Any]] = {}
+_installed: tuple[tuple[type, str, Any], ...] = ()
 _originals: dict[tuple[type, str], Any] = {}
 _wrappers: dict[tuple[type, str], Any] = {}
 _enabled = False
@@ -111,6 +112,13 @@ def _install(cls: type, name: str, factory: Callable[[Any], Any]) -> None:
     _wrappers[target] = wrapper
     _factories[target] = factory
     setattr(cls, name, wrapper)
+    _snapshot()
+
+
+def _snapshot() -> None:
+    # ensure_instrumented() runs per request: give it a tuple, not a dict view to copy.
+    global _installed
+    _installed = tuple((cls, name, wrapper) for (cls, name), wrapper in _wrappers.items())
 
 
 def ensure_instrumented() -> None:
@@ -122,7 +130,7 @@ def ensure_instrumented() -> None:
     """
     if not _enabled:
         return
-    for (cls, name), wrapper in list(_wrappers.items()):
+    for cls, name, wrapper in _installed:
         current = cls.__dict__.get(name)
         if current is not wrapper and getattr(current, "__module__", None) == cls.__module__:
             with _lock:
@@ -145,6 +153,7 @@ def uninstrument() -> None:
             if wrapper is not None and cls.__dict__.get(name) is wrapper:
                 setattr(cls, name, _originals.pop(target))
                 del _wrappers[target]
+        _snapshot()
 
 
 def is_instrumented() -> bool:

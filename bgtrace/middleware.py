@@ -81,9 +81,10 @@ class BackgroundTaskMiddleware:
         state = RequestState(config, scope, router_app, _STOP_CODE)
         span: trace.Span | None = None
         span_token: object = None
+        method = http_method(scope.get("method"))
         if self._request_spans and config.tracing():
             try:
-                span, span_token = _start_request_span(config, scope)
+                span, span_token = _start_request_span(config, scope, method)
             except Exception:
                 logs.internal_error("request span start")
 
@@ -96,7 +97,7 @@ class BackgroundTaskMiddleware:
                 # The response is out: what follows is background work, not request latency.
                 state.response_done_at = perf_counter()
                 if span is not None:
-                    _end_request_span(span, state, None)
+                    _end_request_span(span, method, state, None)
                 return
             await send(message)
 
@@ -112,7 +113,7 @@ class BackgroundTaskMiddleware:
             finish_request(state, raised)
             if span is not None:
                 if span.is_recording():
-                    _end_request_span(span, state, raised)
+                    _end_request_span(span, method, state, raised)
                 if span_token is not None:
                     otel_context.detach(span_token)  # type: ignore[arg-type]
 
@@ -121,12 +122,13 @@ class BackgroundTaskMiddleware:
 _STOP_CODE = BackgroundTaskMiddleware.__call__.__code__
 
 
-def _start_request_span(config: Config, scope: Scope) -> tuple[trace.Span | None, object]:
+def _start_request_span(
+    config: Config, scope: Scope, method: str
+) -> tuple[trace.Span | None, object]:
     if trace.get_current_span().is_recording():
         # An HTTP instrumentation already opened the request's span: tasks go in its trace.
         return None, None
     parent = propagate.extract(scope.get("headers") or [], getter=header_getter)
-    method = http_method(scope.get("method"))
     span = config.tracer.start_span(
         "HTTP" if method == "_OTHER" else method,
         context=parent,
@@ -136,14 +138,14 @@ def _start_request_span(config: Config, scope: Scope) -> tuple[trace.Span | None
     return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
 
-def _end_request_span(span: trace.Span, state: RequestState, exc: BaseException | None) -> None:
+def _end_request_span(
+    span: trace.Span, method: str, state: RequestState, exc: BaseException | None
+) -> None:
     try:
         route = state.route()[0]
-        method = span.attributes.get("http.request.method") if hasattr(span, "attributes") else None
         if route != NO_ROUTE:
             span.set_attribute(ATTR_ROUTE, route)
-            if isinstance(method, str):
-                span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
+            span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
         if state.status is not None:
             span.set_attribute("http.response.status_code", state.status)
             if state.status >= 500:
