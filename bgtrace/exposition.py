@@ -16,11 +16,33 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import logs
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_MULTIPROC_ENVS = (MULTIPROC_ENV, "prometheus_multiproc_dir")  # the old name still counts
 TOKEN_ENV = "BGTRACE_METRICS_TOKEN"
 
 
 _exit_hook_lock = threading.Lock()
 _exit_hook_registered = False
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client writes metrics to per-process files: like prometheus_client
+    itself, decided by the variable's presence, even when it is empty."""
+    return any(name in os.environ for name in _MULTIPROC_ENVS)
+
+
+def check_multiprocess_dir() -> None:
+    """Say at start-up what prometheus_client would only show as wrong numbers."""
+    if not multiprocess_mode():
+        return
+    path = next((os.environ[name] for name in _MULTIPROC_ENVS if os.environ.get(name)), "")
+    if not os.path.isdir(path):
+        logs.logger.error(
+            "bgtrace: %s is set but %r is not a directory: prometheus_client writes this "
+            "process's metrics elsewhere and /metrics cannot add up the workers; point it at "
+            "an empty directory that exists before the workers start",
+            MULTIPROC_ENV,
+            path,
+        )
 
 
 def forget_process_at_exit() -> None:
@@ -30,7 +52,7 @@ def forget_process_at_exit() -> None:
     would otherwise report tasks queued or running forever.
     """
     global _exit_hook_registered
-    if not os.environ.get(MULTIPROC_ENV):
+    if not multiprocess_mode():
         return
     with _exit_hook_lock:
         if not _exit_hook_registered:
@@ -65,7 +87,7 @@ def _authorized(scope: Scope, expected: bytes) -> bool:
 
 
 def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    if os.environ.get(MULTIPROC_ENV):
+    if multiprocess_mode():
         # Every worker writes its own files; a fresh registry per scrape reads them all.
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
 from .config import Config, TraceMode
-from .exposition import forget_process_at_exit, metrics_app
+from .exposition import check_multiprocess_dir, forget_process_at_exit, metrics_app
 from .instrumentation import ensure_instrumented, instrument
 from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
 from .records import finish_request
@@ -61,6 +61,7 @@ class BackgroundTaskMiddleware:
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
         instrument()
+        check_multiprocess_dir()
         forget_process_at_exit()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -121,7 +121,9 @@ class TaskRecord:
         if self.config.trace_mode == "child":
             foreign = foreign_task_span()
             if foreign is not None:
-                # One span per task: theirs, already current and in the request's trace.
+                # One span per task: theirs, already current and in the request's trace,
+                # named like every other task span so that tasks tell apart in a trace view.
+                foreign.update_name(SPAN_PREFIX + self.qualname)
                 foreign.set_attributes(attributes)
                 self.span, self.adopted = foreign, True
                 return

@@ -121,3 +121,18 @@ def test_bearer_token_guards_metrics(
     ok = client.get("/metrics", headers={"authorization": f"Bearer {token}"})
     assert ok.status_code == 200 and "bgtask_" in ok.text
     assert client.post("/send-notification/x").status_code == 200  # the app is untouched
+
+
+def test_multiprocess_variable_that_is_no_directory_is_reported_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bgtrace.exposition import check_multiprocess_dir, multiprocess_mode
+
+    # Empty still switches prometheus_client to multiprocess mode: bgtrace must agree.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    assert multiprocess_mode()
+    with caplog.at_level("ERROR", logger="bgtrace"):
+        check_multiprocess_dir()
+    assert "not a directory" in caplog.text
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert not multiprocess_mode()
