@@ -45,8 +45,10 @@ _default: Config | None = None
 
 def default_config() -> Config:
     """Where tasks queued outside any instrumented request are recorded: the default registry
-    and the global tracer provider. Created on first use, never at import."""
+    (with whatever buckets a middleware gave it) and the global tracer provider. Created on
+    first use, never at import."""
     global _default
-    if _default is None:
-        _default = Config.create(task_metrics(REGISTRY), None, "child")
+    metrics = task_metrics(REGISTRY, implicit=True)
+    if _default is None or _default.metrics is not metrics:
+        _default = Config.create(metrics, None, "child")
     return _default

@@ -13,15 +13,13 @@ from typing import Any, ParamSpec
 
 from starlette import background
 
-from .records import RECORD_ATTR, run_task, run_tasks, track
+from .records import RECORD_ATTR, STARLETTE_TASK_CALL, run_task, run_tasks, track
 
 P = ParamSpec("P")
 
-# The functions Starlette shipped, captured at import: our own BackgroundTasks runs tasks
-# through them whether or not the classes are patched.
-_TASK_INIT = background.BackgroundTask.__init__
-_TASK_CALL = background.BackgroundTask.__call__
-_TASKS_CALL = background.BackgroundTasks.__call__
+# Starlette's own method, captured at import: our own BackgroundTasks runs tasks through it
+# whether or not the classes are patched.
+_TASK_CALL = STARLETTE_TASK_CALL
 
 _lock = threading.Lock()
 _factories: dict[tuple[type, str], Callable[[Any], Any]] = {}

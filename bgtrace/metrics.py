@@ -91,7 +91,10 @@ class TaskMetrics:
         namespace: str,
         buckets: tuple[float, ...],
         max_label_values: int,
+        implicit: bool = False,
     ) -> None:
+        self.registry = registry
+        self.implicit = implicit
         self.buckets = buckets
         self.max_label_values = max_label_values
         self.enqueued = Counter(
@@ -169,6 +172,13 @@ class TaskMetrics:
         self._series: dict[tuple[str, str, str], TaskSeries] = {}
         self._lock = threading.Lock()
 
+    def unregister(self) -> None:
+        for metric in (
+            self.enqueued, self.completed, self.failures, self.dropped, self.duration,
+            self.queue_wait, self.queue_length, self.in_progress, self.post_response,
+        ):  # fmt: skip
+            self.registry.unregister(metric)
+
     def series(self, task: str, origin: str, route: str) -> TaskSeries:
         key = (task, origin, route)
         found = self._series.get(key)
@@ -197,11 +207,16 @@ def task_metrics(
     namespace: str = "",
     buckets: Sequence[float] | None = None,
     max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+    *,
+    implicit: bool = False,
 ) -> TaskMetrics:
     """Return the metrics for ``registry`` and ``namespace``, creating them once.
 
     Several middlewares or apps in one process share one set, so test suites never hit
-    prometheus_client's "Duplicated timeseries" error.
+    prometheus_client's "Duplicated timeseries" error. ``implicit`` is bgtrace's own default
+    for tasks outside any request: it takes whatever set exists, and gives way to the first
+    middleware that asks for other buckets (a middleware is built at the first request,
+    possibly after such a task).
     """
     wanted = tuple(float(b) for b in buckets) if buckets is not None else DEFAULT_BUCKETS
     if max_label_values < 1:
@@ -209,11 +224,17 @@ def task_metrics(
     with _by_registry_lock:
         per_namespace = _by_registry.setdefault(registry, {})
         existing = per_namespace.get(namespace)
+        differs = existing is not None and (
+            existing.buckets != wanted or existing.max_label_values != max_label_values
+        )
+        if existing is not None and existing.implicit and differs and not implicit:
+            existing.unregister()
+            existing = None
         if existing is None:
             existing = per_namespace[namespace] = TaskMetrics(
-                registry, namespace, wanted, max_label_values
+                registry, namespace, wanted, max_label_values, implicit
             )
-        elif existing.buckets != wanted or existing.max_label_values != max_label_values:
+        elif differs and not implicit:
             raise ValueError(
                 "bgtrace metrics already exist in this registry under namespace "
                 f"{namespace!r} with buckets={existing.buckets} and "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from time import perf_counter
+from functools import partial
 from typing import Literal
 
 from opentelemetry import context as otel_context
@@ -68,8 +68,14 @@ class BackgroundTaskMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] == self._metrics_path:
+        if self._metrics_path is not None and _route_path(scope) == self._metrics_path:
             await self._metrics_app(scope, receive, send)
+            return
+        outer = current.get()
+        if outer is not None and outer.live_scope is scope and not outer.closed:
+            # A bgtrace middleware further out (around a mount) already records this request,
+            # with the whole route template: one request, one record.
+            await self.app(scope, receive, send)
             return
 
         ensure_instrumented()
@@ -82,10 +88,12 @@ class BackgroundTaskMiddleware:
         state = RequestState(config, scope, router_app, _STOP_CODE)
         span: trace.Span | None = None
         span_token: object = None
-        method = http_method(scope.get("method"))
         if self._request_spans and config.tracing():
             try:
+                method = http_method(scope.get("method"))
                 span, span_token = _start_request_span(config, scope, method)
+                if span is not None:
+                    state.on_response_sent = partial(_end_request_span, span, method, state, None)
             except Exception:
                 logs.internal_error("request span start")
 
@@ -93,12 +101,12 @@ class BackgroundTaskMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 state.status = message["status"]
-            elif kind == "http.response.body" and not message.get("more_body", False):
+            elif (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
                 await send(message)
                 # The response is out: what follows is background work, not request latency.
-                state.response_done_at = perf_counter()
-                if span is not None:
-                    _end_request_span(span, method, state, None)
+                state.response_sent()
                 return
             await send(message)
 
@@ -113,10 +121,19 @@ class BackgroundTaskMiddleware:
             current.reset(token)
             finish_request(state, raised)
             if span is not None:
-                if span.is_recording():
+                if state.response_done_at is None:
                     _end_request_span(span, method, state, raised)
                 if span_token is not None:
                     otel_context.detach(span_token)  # type: ignore[arg-type]
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below ``root_path``: servers put the root path in front of ``path``."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
 
 
 # Frames past the middleware's own belong to the server: the origin walk stops here.
@@ -126,8 +143,9 @@ _STOP_CODE = BackgroundTaskMiddleware.__call__.__code__
 def _start_request_span(
     config: Config, scope: Scope, method: str
 ) -> tuple[trace.Span | None, object]:
-    if trace.get_current_span().is_recording():
-        # An HTTP instrumentation already opened the request's span: tasks go in its trace.
+    if trace.get_current_span().get_span_context().is_valid:
+        # An HTTP instrumentation already opened the request's span (perhaps unsampled, then
+        # its sampling decision stands): tasks go in its trace.
         return None, None
     parent = propagate.extract(scope.get("headers") or [], getter=header_getter)
     span = config.tracer.start_span(

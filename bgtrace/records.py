@@ -16,6 +16,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
+from starlette import background
 
 from . import logs
 from .config import Config, default_config
@@ -39,6 +40,8 @@ from .spans import (
 
 # Where the record lives on a BackgroundTask instance.
 RECORD_ATTR = "_bgtrace_record"
+# Starlette's own BackgroundTask.__call__, captured before anything patches it.
+STARLETTE_TASK_CALL = background.BackgroundTask.__call__
 
 QUEUED, CLAIMED, RUNNING, DONE, DROPPED = range(5)
 
@@ -198,96 +201,119 @@ class TaskRecord:
 def track(task: Any) -> None:
     """Record ``task`` as queued now. Called right after a ``BackgroundTask`` is created."""
     try:
-        if RECORD_ATTR in task.__dict__:
-            return
-        state = current.get()
-        config = state.config if state is not None else default_config()
-        module, qualname = task_name(getattr(task, "func", None))
-        name = qualified(module, qualname)
-        if state is not None:
-            route, route_obj = state.route()
-            origin, dependency = detect(route_obj, state.stop_code)
-        else:
-            route, origin, dependency = NO_ROUTE, OTHER, None
-        span = trace.get_current_span()
-        parent = span.get_span_context()
-        if span.is_recording():
-            span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
-        series = config.metrics.series(name, origin, route)
-        record = TaskRecord(
-            config,
-            series,
-            name,
-            qualname,
-            origin,
-            dependency if origin == DEPENDENCY else None,
-            series.labels[2],
-            parent if parent.is_valid else None,
-        )
-        task.__dict__[RECORD_ATTR] = record
-        series.enqueued.inc()
-        series.queue_length.inc()
-        if state is not None:
-            state.records.append(record)
-        else:
-            # Outside a request nobody sees the end of the task's life: count it dropped if
-            # it is garbage collected without having run.
-            weakref.finalize(task, record.drop, NOT_ATTACHED)
+        if RECORD_ATTR not in task.__dict__:
+            task.__dict__[RECORD_ATTR] = _queued(task, register=True)
     except Exception:
         logs.internal_error("task queued")
 
 
+def _queued(task: Any, *, register: bool) -> TaskRecord:
+    """A new record for ``task``, counted as queued now."""
+    state = current.get()
+    live = state is not None and not state.closed
+    config = state.config if state is not None else default_config()
+    module, qualname = task_name(getattr(task, "func", None))
+    name = qualified(module, qualname)
+    route, origin, dependency = NO_ROUTE, OTHER, None
+    if state is not None:
+        route, route_obj = state.route()
+        if live:
+            origin, dependency = detect(route_obj, state.stop_code)
+    parent = None
+    if config.tracing():
+        span = trace.get_current_span()
+        context = span.get_span_context()
+        parent = context if context.is_valid else None
+        if span.is_recording():
+            span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
+    series = config.metrics.series(name, origin, route)
+    record = TaskRecord(
+        config,
+        series,
+        name,
+        qualname,
+        origin,
+        dependency if origin == DEPENDENCY else None,
+        series.labels[2],
+        parent,
+    )
+    series.enqueued.inc()
+    series.queue_length.inc()
+    if register:
+        if live and state is not None:
+            state.records.append(record)
+        else:
+            # Outside a request (or after its end: a task spawned by the request queued this)
+            # nobody sees the end of the task's life: count it dropped if it is garbage
+            # collected without having run.
+            weakref.finalize(task, record.drop, NOT_ATTACHED)
+    return record
+
+
+def _claim_run(task: Any) -> TaskRecord | None:
+    """The record this run of ``task`` is measured with, or ``None`` to run it unmeasured."""
+    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
+    if record is None:
+        return None
+    if record.claim():
+        return record
+    try:
+        # The same object run once more (a BackgroundTask shared by many responses): each run
+        # is a task of its own, queued as it starts.
+        again = _queued(task, register=False)
+    except Exception:
+        logs.internal_error("task run again")
+        return None
+    again.claim()
+    return again
+
+
 async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
     """Run one task through ``call`` (the original ``BackgroundTask.__call__``), measured."""
-    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
     state = current.get()
     if state is not None:
-        state.background_ran = True
-    if record is None or not record.claim():
+        state.background_started()
+    record = _claim_run(task)
+    if record is None:
         await call(task)
         return
-    if getattr(task, "is_async", True):
-        record.start()
+    if call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True):
+        # A def task run as Starlette runs it, but started inside its worker thread, so that
+        # a saturated threadpool shows as queue wait. The task object itself is not touched:
+        # the same object may be running for another response right now.
+        # Looked up in Starlette's module at each call, as Starlette's own method does.
+        run_in_threadpool = vars(background)["run_in_threadpool"]
         try:
-            await call(task)
+            await run_in_threadpool(_ThreadStart(task.func, record), *task.args, **task.kwargs)
         except BaseException as exc:
-            record.finish(exc)
+            if record.status == CLAIMED:
+                # Cancelled while waiting for a thread: it never started.
+                record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
             raise
-        record.finish(None)
         return
-    # A def task: it starts when a threadpool thread picks it up, not when it is awaited, so
-    # that a saturated threadpool shows as queue wait. Swap in a wrapper for this one call.
-    func = task.func
-    task.func = _ThreadStart(func, record)
+    record.start()
     try:
         await call(task)
     except BaseException as exc:
-        if record.status == CLAIMED:
-            # Cancelled while waiting for a thread: it never started.
-            record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
+        record.finish(exc)
         raise
-    finally:
-        task.func = func
+    record.finish(None)
 
 
 class _ThreadStart:
-    """Wraps a def task so that start and end are recorded inside its worker thread."""
+    """Runs a def task in its worker thread, recording start and end there."""
 
-    __slots__ = ("__wrapped__", "record")
+    __slots__ = ("func", "record")
 
     def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
-        self.__wrapped__ = func
+        self.func = func
         self.record = record
-
-    def __getattr__(self, name: str) -> Any:
-        # Code that names the task from task.func (other instrumentations do) sees the task.
-        return getattr(self.__wrapped__, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record
         record.start()
         try:
-            result = self.__wrapped__(*args, **kwargs)
+            result = self.func(*args, **kwargs)
         except BaseException as exc:
             record.finish(exc)
             raise
@@ -299,7 +325,7 @@ async def run_tasks(container: Any, call: Callable[[Any], Awaitable[None]]) -> N
     """Run a ``BackgroundTasks`` through ``call``; count the tasks a failure left unstarted."""
     state = current.get()
     if state is not None:
-        state.background_ran = True
+        state.background_started()
     try:
         await call(container)
     except BaseException as exc:
@@ -313,14 +339,18 @@ async def run_tasks(container: Any, call: Callable[[Any], Awaitable[None]]) -> N
 
 def finish_request(state: RequestState, exc: BaseException | None) -> None:
     """At the end of a request: count its never-started tasks as dropped, time the tail."""
+    state.closed = True
+    if not state.records and not state.background_ran:
+        return
     try:
         end = perf_counter()
-        pending = [r for r in state.records if r.status in (QUEUED, CLAIMED)]
-        if pending:
-            reason = _drop_reason(state, exc)
-            for record in pending:
+        reason = None
+        for record in state.records:
+            if record.status in (QUEUED, CLAIMED):
+                reason = reason or _drop_reason(state, exc)
                 record.drop(reason)
-        if (state.records or state.background_ran) and state.response_done_at is not None:
+        state.records = []  # all ended: nothing to keep alive with the state
+        if state.response_done_at is not None:
             metrics = state.config.metrics
             route = metrics.route(state.route()[0])
             metrics.post_response.labels(route).observe(end - state.response_done_at)

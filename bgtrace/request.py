@@ -7,7 +7,9 @@ queued anywhere inside the request (handler, dependency, threadpool, helper) fin
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from contextvars import ContextVar
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import Scope
@@ -18,11 +20,14 @@ if TYPE_CHECKING:
     from .config import Config
     from .records import TaskRecord
 
+# Keys routing adds to the scope; dropped when matching the request again from the top.
+_ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_root_path"))
+
 
 class RequestState:
     __slots__ = (
-        "_route", "background_ran", "config", "live_scope", "records",
-        "request_scope", "response_done_at", "router_app", "status", "stop_code",
+        "_path", "_root_path", "_route", "background_ran", "closed", "config", "live_scope",
+        "on_response_sent", "records", "response_done_at", "router_app", "status", "stop_code",
     )  # fmt: skip
 
     def __init__(
@@ -30,21 +35,47 @@ class RequestState:
     ) -> None:
         self.config = config
         self.live_scope = scope
-        # Routing rewrites root_path and path_params in place: keep the scope as it arrived.
-        self.request_scope = dict(scope)
+        # Routing (old Starlette mounts) rewrites these in place: keep them as they arrived.
+        self._path = scope.get("path", "")
+        self._root_path = scope.get("root_path", "")
         self.router_app = router_app
         self.stop_code = stop_code
         self.records: list[TaskRecord] = []
         self.background_ran = False
+        self.closed = False
         self.status: int | None = None
         self.response_done_at: float | None = None
+        self.on_response_sent: Callable[[], None] | None = None
         self._route: Resolved | None = None
+
+    def response_sent(self) -> None:
+        """The last response byte is out (or the response is over): the rest is background."""
+        if self.response_done_at is None:
+            self.response_done_at = perf_counter()
+            if self.on_response_sent is not None:
+                self.on_response_sent()
+
+    def background_started(self) -> None:
+        # Starlette runs the background only once the response is over, also when the client
+        # went away mid-stream or the server sent the body as a file (no final body message).
+        self.background_ran = True
+        self.response_sent()
+
+    def request_scope_root_path(self) -> str:
+        return str(self._root_path)
+
+    def request_scope(self) -> Scope:
+        """The scope as it arrived, for matching routes again from the top."""
+        scope = {k: v for k, v in self.live_scope.items() if k not in _ROUTING_KEYS}
+        scope["path"] = self._path
+        scope["root_path"] = self._root_path
+        return scope
 
     def route(self) -> Resolved:
         found = self._route
         if found is None:
             try:
-                found = resolve(self.live_scope, self.request_scope, self.router_app)
+                found = resolve(self.live_scope, self, self.router_app)
             except Exception:
                 found = (NO_ROUTE, None)
             if found[1] is not None or "route" in self.live_scope:

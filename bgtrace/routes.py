@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from .request import RequestState
 
 NO_ROUTE = "none"
 # (template, the object routing selected: a route, or FastAPI's per-inclusion route context)
@@ -24,22 +27,24 @@ def find_router_app(app: Any) -> Any:
     return None
 
 
-def resolve(live_scope: Scope, request_scope: Scope, router_app: Any) -> Resolved:
+def resolve(live_scope: Scope, request: RequestState, router_app: Any) -> Resolved:
     """Return ``(template, route)`` for a request.
 
-    ``live_scope`` is the scope as the app mutated it while routing, ``request_scope`` a copy
-    of it as it arrived. The router leaves the selected route in the live scope; when a mount
-    changed ``root_path`` on the way, the mounts' prefixes are matched again from the top.
+    ``live_scope`` is the scope as the app mutated it while routing. The router leaves the
+    selected route in it; when a mount changed ``root_path`` on the way, the mounts' prefixes
+    are matched again from the top on the scope as it arrived.
     """
     template, route = _selected(live_scope)
     if route is None:
         # Not routed (404, or a task queued before routing): match from the top.
         if router_app is None:
             return NO_ROUTE, None
-        return _match(router_app.routes, request_scope, "", 0)
-    if live_scope.get("root_path", "") == request_scope.get("root_path", ""):
+        return _match(router_app.routes, request.request_scope(), "", 0)
+    if live_scope.get("root_path", "") == request.request_scope_root_path():
         return template, route
-    prefix = _mount_prefix(router_app.routes, request_scope, "", 0) if router_app else ""
+    if router_app is None:
+        return template, route
+    prefix = _mount_prefix(router_app.routes, request.request_scope(), "", 0)
     return (prefix + template) or "/", route
 
 

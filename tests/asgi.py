@@ -14,6 +14,8 @@ async def call(
     method: str = "POST",
     headers: list[tuple[bytes, bytes]] | None = None,
     body: bytes = b"",
+    root_path: str = "",
+    extensions: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Send one HTTP request through ``app``; return the messages it sent."""
     raw_path = path if isinstance(path, bytes) else path.encode()
@@ -21,7 +23,8 @@ async def call(
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": raw_path.decode("latin-1"), "raw_path": raw_path,
-        "root_path": "", "query_string": b"", "headers": [(b"host", b"test"), *(headers or [])],
+        "root_path": root_path, "query_string": b"", "extensions": extensions or {},
+        "headers": [(b"host", b"test"), *(headers or [])],
         "server": ("test", 80), "client": ("127.0.0.1", 1),
     }  # fmt: skip
 

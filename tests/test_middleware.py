@@ -231,3 +231,59 @@ def test_handler_that_queues_on_background_tasks_it_built_counts(
     TestClient(app).get("/manual")
     assert samples("bgtask_completed_total", task="tests.apps.async_log", origin="handler",
                    route="/manual", outcome="success") == 1  # fmt: skip
+
+
+def test_metrics_served_under_the_servers_root_path(registry: CollectorRegistry) -> None:
+    """Regression: behind `uvicorn --root-path /api` (path "/api/metrics") /metrics was 404."""
+    import asyncio
+
+    from tests.asgi import call, status
+
+    app = apps.tutorial_app(registry=registry)
+    sent = asyncio.run(call(app, "/api/metrics", method="GET", root_path="/api"))
+    assert status(sent) == 200
+    assert b"bgtask_" in b"".join(m.get("body", b"") for m in sent)
+
+
+def test_nested_middlewares_record_once_with_the_whole_route(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression: a sub-app with its own middleware relabelled the outer one's series
+    without the mount prefix."""
+    inner = FastAPI()
+    inner.add_middleware(BackgroundTaskMiddleware, registry=CollectorRegistry())
+
+    @inner.post("/items/{item_id}")
+    async def item(item_id: int, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_log, "x")
+
+    outer = FastAPI()
+    outer.mount("/sub", inner)
+    outer.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    TestClient(outer).post("/sub/items/3")
+    assert samples.label_values("bgtask_completed_total", "route") == {"/sub/items/{item_id}"}
+    assert samples.total("bgtask_completed_total") == 1
+
+
+def test_no_second_server_span_under_an_unsampled_one(
+    registry: CollectorRegistry, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """Regression: behind an HTTP instrumentation whose sampler dropped the request, bgtrace
+    opened its own SERVER span, overriding the sampling decision."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    inner = apps.tutorial_app(registry=registry, tracer_provider=tracer_provider)
+    dropping = TracerProvider(sampler=ALWAYS_OFF).get_tracer("http-instrumentation")
+
+    def outer(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            with dropping.start_as_current_span("unsampled", kind=trace.SpanKind.SERVER):
+                await app(scope, receive, send)
+
+        return wrapped
+
+    TestClient(outer(inner)).post("/send-notification/x")
+    assert exporter.get_finished_spans() == ()  # the task span follows its unsampled parent
+    assert len(apps.done) == 1

@@ -173,3 +173,133 @@ def test_task_outside_any_request_counted_when_run() -> None:
     gc.collect()
     assert samples("bgtask_completed_total", outcome="success", **labels) == before + 1
     assert samples("bgtask_queue_length", **labels) == 0
+
+
+def test_shared_task_object_run_by_concurrent_responses_counts_each_run() -> None:
+    """Regression: a module-level BackgroundTask reused by every response was counted twice,
+    drove queue_length negative, and detached a span context in the wrong thread.
+
+    Made outside any request, the object is queued in the default registry, so the app
+    records there too here."""
+    import time
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    runs: list[int] = []
+
+    def flush_cache() -> None:
+        time.sleep(0.05)
+        runs.append(1)
+
+    flush = BackgroundTask(flush_cache)  # built once, outside any request
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=flush)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(BackgroundTaskMiddleware)
+    samples = Samples(REGISTRY)
+    name = (
+        "tests.test_records.test_shared_task_object_run_by_concurrent_responses_counts_each_run"
+        ".<locals>.flush_cache"
+    )
+
+    async def scenario() -> None:
+        await asyncio.gather(call(app, "/", method="GET"), call(app, "/", method="GET"))
+        await call(app, "/", method="GET")
+
+    asyncio.run(scenario())
+    assert len(runs) == 3
+    assert samples.total("bgtask_completed_total", task=name, outcome="success") == 3
+    assert samples.total("bgtask_enqueued_total", task=name) == 3
+    assert samples.total("bgtask_queue_length", task=name) == 0
+    assert samples.total("bgtask_in_progress", task=name) == 0
+
+
+def test_task_queued_after_its_request_ended_is_not_left_queued(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression: a task the request spawned (copying its context) queued a BackgroundTask
+    after the request ended; it stayed in queue_length forever."""
+    spawned: list[asyncio.Task[None]] = []
+
+    async def later() -> None:
+        await asyncio.sleep(0)
+        BackgroundTask(apps.async_log, "too late")  # created and thrown away
+
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+
+    @app.post("/spawn")
+    async def spawn() -> None:
+        spawned.append(asyncio.get_running_loop().create_task(later()))
+
+    async def scenario() -> None:
+        await call(app, "/spawn")
+        await asyncio.gather(*spawned)
+
+    asyncio.run(scenario())
+    gc.collect()
+    labels = {"task": "tests.apps.async_log", "origin": "other", "route": "/spawn"}
+    assert samples("bgtask_enqueued_total", **labels) == 1
+    assert samples("bgtask_dropped_total", reason="not_attached", **labels) == 1
+    assert samples.total("bgtask_queue_length") == 0
+
+
+def test_custom_buckets_keep_out_of_request_tasks_counted() -> None:
+    """Regression: with buckets= on the default registry, tasks outside any request hit a
+    bucket mismatch and went uncounted."""
+    from prometheus_client import CollectorRegistry as Registry
+
+    import bgtrace.config
+    from bgtrace.metrics import task_metrics
+
+    registry = Registry()
+    implicit = task_metrics(registry, implicit=True)  # a task before the first request
+    explicit = task_metrics(registry, buckets=[0.1, 1.0])  # then the middleware is built
+    assert explicit is not implicit and explicit.buckets == (0.1, 1.0)
+    assert task_metrics(registry, implicit=True) is explicit  # later implicit uses take it
+    assert bgtrace.config.default_config().metrics is task_metrics(REGISTRY, implicit=True)
+
+
+def test_request_span_ends_and_tail_is_timed_without_a_final_body_message(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression: with http.response.pathsend (no final body message) the request span
+    lasted as long as the background work and no post-response time was recorded."""
+    import tempfile
+
+    from fastapi.responses import FileResponse
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with tempfile.NamedTemporaryFile(delete=False) as file:
+        file.write(b"x" * 100)
+
+    async def slow() -> None:
+        await asyncio.sleep(0.3)
+
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, tracer_provider=provider)
+
+    @app.get("/file")
+    async def get_file(background_tasks: BackgroundTasks) -> FileResponse:
+        background_tasks.add_task(slow)
+        return FileResponse(file.name)
+
+    sent = asyncio.run(call(app, "/file", method="GET", extensions={"http.response.pathsend": {}}))
+    assert [m["type"] for m in sent][-1] in ("http.response.pathsend", "http.response.body")
+    (request,) = [s for s in exporter.get_finished_spans() if s.kind is otel_trace.SpanKind.SERVER]
+    (task,) = [s for s in exporter.get_finished_spans() if s.name.endswith(".slow")]
+    assert request.end_time is not None and task.start_time is not None
+    assert request.end_time <= task.start_time
+    assert samples("bgtask_post_response_seconds_count", route="/file") == 1
+    assert samples("bgtask_post_response_seconds_sum", route="/file") >= 0.3
