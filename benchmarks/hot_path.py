@@ -1,0 +1,279 @@
+"""Where bgtrace's time per request goes: cost by knockout, and a cProfile of its hot path.
+
+A knockout is bgtrace with one piece replaced by a stub (only in this process, only while its
+own batches run): what the knockout saves against full bgtrace, in the same interleaved
+rounds, is what that piece costs, and an upper bound on what optimising it can save. The
+stubs break the metrics they skip; they measure, they are not proposals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pstats
+from collections.abc import Callable
+from typing import Any
+
+import variants
+from asgi_driver import run_requests, start_lifespan
+from variants import Variant, build, switch_to
+
+import bgtrace
+import bgtrace.config
+import bgtrace.instrumentation
+import bgtrace.metrics
+import bgtrace.middleware
+import bgtrace.records
+
+Patch = tuple[Any, str, Any]
+# (name, what it knocks out, the patches for one built variant)
+Plan = tuple[str, str, Callable[[Variant], list[Patch]]]
+
+
+class _Nothing:
+    """Stands in for a metric child: every update does nothing."""
+
+    def inc(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    dec = observe = inc
+
+    def labels(self, *args: Any) -> _Nothing:
+        return self
+
+
+_NOTHING = _Nothing()
+
+
+_SERIES_FIELDS = ("enqueued", "queue_length", "in_progress", "queue_wait", "duration", "completed")
+
+
+class _PartialSeries:
+    """A real ``TaskSeries`` with some of its metric children silenced."""
+
+    __slots__ = ("_real", "completed", "duration", "enqueued", "in_progress", "labels",
+                 "queue_length", "queue_wait")  # fmt: skip
+
+    def __init__(self, real: Any, silenced: frozenset[str]) -> None:
+        self._real = real
+        self.labels = real.labels
+        for field in _SERIES_FIELDS:
+            value = getattr(real, field)
+            if field in silenced:
+                value = dict.fromkeys(value, _NOTHING) if field == "completed" else _NOTHING
+            setattr(self, field, value)
+
+    def count_failure(self, error_type: str) -> None:
+        self._real.count_failure(error_type)
+
+    def count_drop(self, reason: str) -> None:
+        self._real.count_drop(reason)
+
+
+def _silenced_series(silenced: frozenset[str]) -> Callable[..., _PartialSeries]:
+    original = bgtrace.metrics.TaskMetrics.series
+    cache: dict[Any, _PartialSeries] = {}
+
+    def series(self: Any, task: str, origin: str, route: str) -> _PartialSeries:
+        real = original(self, task, origin, route)
+        found = cache.get(real)
+        if found is None:
+            found = cache[real] = _PartialSeries(real, silenced)
+        return found
+
+    return series
+
+
+async def _run_task(task: Any, call: Callable[[Any], Any]) -> None:
+    await call(task)
+
+
+async def _run_tasks(container: Any, call: Callable[[Any], Any]) -> None:
+    await call(container)
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _handler(route: Any, stop: Any) -> tuple[str, None]:
+    return "handler", None
+
+
+def _with_patches(variant: Variant, name: str, patches: list[Patch]) -> Variant | None:
+    """``variant`` renamed, with ``patches`` applied only while it is the active variant."""
+    for obj, attribute, _ in patches:
+        if not hasattr(obj, attribute):
+            return None  # the library changed shape: this knockout no longer applies
+    saved: list[Patch] = []
+
+    def activate() -> None:
+        bgtrace.instrument()
+        for obj, attribute, value in patches:
+            saved.append((obj, attribute, getattr(obj, attribute)))
+            setattr(obj, attribute, value)
+
+    def deactivate() -> None:
+        while saved:
+            obj, attribute, value = saved.pop()
+            setattr(obj, attribute, value)
+        bgtrace.uninstrument()
+
+    variant.name = name
+    variant.activate, variant.deactivate = activate, deactivate
+    return variant
+
+
+class _EmptyMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def _silence(*fields: str, post_response: bool = False) -> Callable[[Variant], list[Patch]]:
+    def patches(variant: Variant) -> list[Patch]:
+        found: list[Patch] = []
+        if fields:
+            series = _silenced_series(frozenset(fields))
+            found.append((bgtrace.metrics.TaskMetrics, "series", series))
+        if post_response:
+            assert variant.registry is not None
+            metrics = bgtrace.metrics.task_metrics(variant.registry)
+            found.append((metrics, "post_response", _NOTHING))
+        return found
+
+    return patches
+
+
+_ALL_METRICS = "- all prometheus_client updates"
+
+
+def _metrics_knockouts() -> list[Plan]:
+    mw, rec, ins = bgtrace.middleware, bgtrace.records, bgtrace.instrumentation
+    return [
+        ("- ensure_instrumented()", "per-request check that the class patch is in place",
+         lambda v: [(mw, "ensure_instrumented", _nothing)]),
+        ("- Config.tracing()", "the is-an-SDK-configured check (1 per request + 1 per task)",
+         lambda v: [(bgtrace.config.Config, "tracing", lambda self: False)]),
+        ("- origin frame walk", "origin.detect: code maps and frame walk, per task",
+         lambda v: [(rec, "detect", _handler)]),
+        ("- task naming", "naming.task_name + qualified, per task",
+         lambda v: [(rec, "task_name", lambda func: ("app", "task")),
+                    (rec, "qualified", lambda module, qualname: "app.task")]),
+        ("- gauge updates", "queue_length and in_progress inc/dec: 4 per task",
+         _silence("queue_length", "in_progress")),
+        ("- histogram observes", "queue_wait and duration: 2 per task",
+         _silence("queue_wait", "duration")),
+        ("- counter updates", "enqueued and completed: 2 per task",
+         _silence("enqueued", "completed")),
+        ("- post_response observe", "post_response.labels(route).observe(): 1 per request",
+         _silence(post_response=True)),
+        (_ALL_METRICS, "all of the four rows above at once",
+         _silence(*_SERIES_FIELDS, post_response=True)),
+        ("skeleton only", "middleware + class patches; no per-task or end-of-request work",
+         lambda v: [(ins, "track", _nothing), (ins, "run_task", _run_task),
+                    (ins, "run_tasks", _run_tasks), (mw, "finish_request", _nothing)]),
+    ]  # fmt: skip
+
+
+def _tracing_knockouts() -> list[Plan]:
+    from opentelemetry.sdk.trace import Span
+
+    rec = bgtrace.records
+    return [
+        ("- task spans", "TaskRecord._start_span stubbed (so no task span to end either)",
+         lambda v: [(rec.TaskRecord, "_start_span", _nothing)]),
+        ("- enqueued span events", "the bgtask.enqueued event per task on the request span",
+         lambda v: [(Span, "add_event", _nothing)]),
+        ("- foreign span lookup", "spans.foreign_task_span, per task start",
+         lambda v: [(rec, "foreign_task_span", lambda: None)]),
+    ]  # fmt: skip
+
+
+def knockouts(shape: str, tracing: bool) -> tuple[list[Variant], dict[str, str], list[str]]:
+    """The variants of one knockout study, what each knocks out, and the knockouts skipped
+    because this version of bgtrace no longer has what they patch."""
+    skipped: list[str] = []
+    studied = [build("bare", shape), variants.bgtrace_variant(shape, tracing)]
+    described = {"bare": "no bgtrace at all", studied[1].name: "bgtrace as shipped"}
+    if tracing:
+        quiet = variants.bgtrace_variant(shape, True, request_spans="never")
+        quiet.name = "request_spans=never"
+        studied.append(quiet)
+        described[quiet.name] = "no request span of bgtrace's own (a documented option)"
+        plans = _tracing_knockouts() + [p for p in _metrics_knockouts() if p[0] == _ALL_METRICS]
+    else:
+        empty = build("bare", shape)
+        assert empty is not None
+        empty.name = "empty pure-ASGI middleware"
+        empty.app.add_middleware(_EmptyMiddleware)
+        studied.append(empty)
+        described[empty.name] = "reference: the floor of any middleware"
+        plans = _metrics_knockouts()
+    for name, what, patches in plans:
+        variant = variants.bgtrace_variant(shape, tracing)
+        patched = _with_patches(variant, name, patches(variant))
+        if patched is None:
+            variant.close()
+            skipped.append(name)
+        else:
+            studied.append(patched)
+            described[name] = what
+    return [v for v in studied if v is not None], described, skipped
+
+
+async def _profile(name: str, shape: str, requests: int) -> tuple[pstats.Stats, int]:
+    variant = build(name, shape)
+    assert variant is not None
+    stop = await start_lifespan(variant.app)
+    switch_to(variant)
+    await run_requests(variant.app, 200)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await run_requests(variant.app, requests)
+    profiler.disable()
+    await stop()
+    variant.close()
+    return pstats.Stats(profiler), requests
+
+
+def _self_times(name: str, shape: str, requests: int) -> dict[str, tuple[float, float]]:
+    """Self microseconds and calls per request, by function, under cProfile."""
+    stats, count = asyncio.run(_profile(name, shape, requests))
+    entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    times: dict[str, tuple[float, float]] = {}
+    for (filename, line, function), (_, calls, self_s, _, _) in entries.items():
+        key = f"{_short(filename)}:{line}({function})"
+        previous = times.get(key, (0.0, 0.0))
+        times[key] = (previous[0] + self_s / count * 1e6, previous[1] + calls / count)
+    return times
+
+
+def _short(filename: str) -> str:
+    for marker in ("/site-packages/", "/bgtrace/", "/lib/python3"):
+        if marker in filename:
+            tail = filename.rsplit(marker, 1)[1]
+            return "bgtrace/" + tail if marker == "/bgtrace/" else tail
+    return filename
+
+
+def profile(names: list[str], shape: str, requests: int, top: int = 20) -> dict[str, Any]:
+    """Every function's self time per request under cProfile, minus the bare app's: the
+    functions that bgtrace's path adds or makes slower, in any package. cProfile's overhead
+    inflates small functions most: read the ranking, and the knockouts for real costs."""
+    bare = _self_times("bare", shape, requests)
+    found: dict[str, Any] = {}
+    for name in names:
+        times = _self_times(name, shape, requests)
+        total = sum(t for t, _ in times.values()) - sum(t for t, _ in bare.values())
+        rows = []
+        for key, (self_us, calls) in times.items():
+            base_us, base_calls = bare.get(key, (0.0, 0.0))
+            if calls - base_calls > 0.01 or key.startswith("bgtrace/"):
+                rows.append({"function": key, "calls": calls - base_calls,
+                             "self_us": self_us - base_us})  # fmt: skip
+        rows.sort(key=lambda row: row["self_us"], reverse=True)
+        found[name] = {"added_us": total, "rows": rows[:top]}
+    return found

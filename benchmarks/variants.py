@@ -1,0 +1,261 @@
+"""The apps under test: FastAPI's background-tasks tutorial, bare and under each tool.
+
+Every tool that patches something process-wide (bgtrace's class-level patch, OpenTelemetry's
+patch of ``BackgroundTask.__call__``) is switched on only while its own variant runs, so the
+variants can be interleaved in one process. ``switch_to`` does that and checks that between
+variants the patched methods are Starlette's and FastAPI's own again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import fastapi.background
+from fastapi import BackgroundTasks, Depends, FastAPI
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry
+from starlette import background
+
+import bgtrace
+
+SHAPES = ("async", "def")
+# (name, what it is): the order of the results table.
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("bare", "FastAPI app, no instrumentation"),
+    ("bgtrace", "bgtrace, metrics only (no tracer provider)"),
+    ("bgtrace+tracing", "bgtrace, SDK tracer provider, batch processor, null exporter"),
+    ("instrumentator", "prometheus-fastapi-instrumentator, defaults, /metrics exposed"),
+    ("starlette-exporter", "starlette-exporter PrometheusMiddleware, /metrics route"),
+    ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
+    ("fastapi-telemetry", "FastAPI's native telemetry, same SDK set-up"),
+)
+VARIANT_NAMES = tuple(name for name, _ in VARIANTS)
+PATH = "/send-notification/alice@example.com"
+QUERY = b"q=hello"
+
+# What Starlette and FastAPI shipped, before anything patched them.
+_PRISTINE = (
+    background.BackgroundTask.__init__,
+    background.BackgroundTask.__call__,
+    background.BackgroundTasks.__call__,
+    fastapi.background.BackgroundTasks.__dict__.get("__call__"),
+)
+
+
+def _current_methods() -> tuple[Any, ...]:
+    return (
+        background.BackgroundTask.__init__,
+        background.BackgroundTask.__call__,
+        background.BackgroundTasks.__call__,
+        fastapi.background.BackgroundTasks.__dict__.get("__call__"),
+    )
+
+
+# Ticked by every task: the only work they do, so the benchmark can check that they ran.
+tasks_run = itertools.count()
+
+
+# The tasks: module-level so that their names (bgtrace's task label) are stable.
+async def notify(message: str) -> None:
+    next(tasks_run)
+
+
+def write_log(message: str) -> None:
+    next(tasks_run)
+
+
+async def get_query(background_tasks: BackgroundTasks, q: str | None = None) -> str | None:
+    # The tutorial's dependency is a def; an async def keeps the threadpool out of the async
+    # shape, so that every ratio is taken against the cheapest possible request.
+    if q:
+        background_tasks.add_task(notify, f"found query: {q}\n")
+    return q
+
+
+def tutorial_app(shape: str, **fastapi_kwargs: Any) -> FastAPI:
+    """FastAPI's background-tasks tutorial: the handler queues one task, the dependency one
+    more when ``q`` is given. ``def`` shape: the handler's task is a ``def`` (threadpool)."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    handler_task: Callable[[str], Any] = notify if shape == "async" else write_log
+    app = FastAPI(**fastapi_kwargs)
+
+    @app.post("/send-notification/{email}")
+    async def send_notification(
+        email: str,
+        background_tasks: BackgroundTasks,
+        q: Annotated[str | None, Depends(get_query)] = None,
+    ) -> dict[str, str]:
+        background_tasks.add_task(handler_task, f"message to {email}\n")
+        return {"message": "Message sent"}
+
+    return app
+
+
+class NullExporter(SpanExporter):
+    """Drops every span; counts them so the report can show spans per request."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def sdk_tracer_provider() -> tuple[TracerProvider, NullExporter]:
+    exporter = NullExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider, exporter
+
+
+@dataclass
+class Variant:
+    name: str
+    shape: str
+    app: Any
+    activate: Callable[[], None] = field(default=lambda: None)
+    deactivate: Callable[[], None] = field(default=lambda: None)
+    provider: TracerProvider | None = None
+    exporter: NullExporter | None = None
+    registry: CollectorRegistry | None = None
+
+    def spans_exported(self) -> int:
+        if self.provider is None or self.exporter is None:
+            return 0
+        self.provider.force_flush()
+        return self.exporter.spans
+
+    def close(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def bgtrace_variant(shape: str, tracing: bool, **options: Any) -> Variant:
+    """bgtrace around the tutorial app; ``options`` go to the middleware."""
+    registry = CollectorRegistry()
+    provider, exporter = sdk_tracer_provider() if tracing else (None, None)
+    app = tutorial_app(shape)
+    app.add_middleware(
+        bgtrace.BackgroundTaskMiddleware, registry=registry, tracer_provider=provider, **options
+    )
+    name = "bgtrace+tracing" if tracing else "bgtrace"
+    return Variant(
+        name, shape, app, bgtrace.instrument, bgtrace.uninstrument, provider, exporter, registry
+    )
+
+
+def _instrumentator(shape: str) -> Variant:
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    registry = CollectorRegistry()
+    app = tutorial_app(shape)
+    Instrumentator(registry=registry).instrument(app).expose(app)
+    return Variant("instrumentator", shape, app, registry=registry)
+
+
+def _starlette_exporter(shape: str) -> Variant:
+    from starlette_exporter import PrometheusMiddleware, handle_metrics
+
+    # starlette-exporter only knows prometheus_client's default registry and keeps its
+    # metrics on the class: a prefix of its own is the only isolation it offers.
+    app = tutorial_app(shape)
+    app.add_middleware(PrometheusMiddleware, prefix="bench_starlette_exporter")
+    app.add_route("/metrics", handle_metrics)
+    return Variant("starlette-exporter", shape, app)
+
+
+def _otel_fastapi(shape: str) -> Variant:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    provider, exporter = sdk_tracer_provider()
+    app = tutorial_app(shape)
+
+    def activate() -> None:
+        # instrument_app patches BackgroundTask.__call__ for the whole process, and only
+        # takes effect on a middleware stack built afterwards.
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+        app.middleware_stack = None
+
+    def deactivate() -> None:
+        FastAPIInstrumentor.uninstrument_app(app)
+
+    return Variant("otel-fastapi", shape, app, activate, deactivate, provider, exporter)
+
+
+def _fastapi_telemetry(shape: str) -> Variant | None:
+    try:
+        import fastapi.telemetry  # noqa: F401
+    except ImportError:
+        return None
+    provider, exporter = sdk_tracer_provider()
+    # An explicit provider, never the global one: a global SDK provider would switch FastAPI's
+    # telemetry on in every other variant's app too. Metrics and logs stay off because their
+    # global providers are unconfigured: tracing alone, as in the other tracing variants.
+    app = tutorial_app(shape, telemetry={"tracer_provider": provider})
+    return Variant("fastapi-telemetry", shape, app, provider=provider, exporter=exporter)
+
+
+def build(name: str, shape: str) -> Variant | None:
+    """One variant of one shape; ``None`` where the installed packages lack the tool."""
+    if name == "bare":
+        return Variant("bare", shape, tutorial_app(shape))
+    if name == "bgtrace":
+        return bgtrace_variant(shape, tracing=False)
+    if name == "bgtrace+tracing":
+        return bgtrace_variant(shape, tracing=True)
+    if name == "instrumentator":
+        return _instrumentator(shape)
+    if name == "starlette-exporter":
+        return _starlette_exporter(shape)
+    if name == "otel-fastapi":
+        return _otel_fastapi(shape)
+    if name == "fastapi-telemetry":
+        return _fastapi_telemetry(shape)
+    raise ValueError(f"unknown variant {name!r}")
+
+
+_active: Variant | None = None
+
+
+def switch_to(variant: Variant) -> None:
+    """Turn the previous variant's process-wide patches off and this variant's on."""
+    global _active
+    if _active is variant:
+        return
+    if _active is not None:
+        _active.deactivate()
+    # bgtrace's middleware instruments on construction; make sure nothing is left over.
+    bgtrace.uninstrument()
+    if _current_methods() != _PRISTINE:
+        raise RuntimeError(f"a patch outlived its variant ({_active and _active.name})")
+    _active = None
+    variant.activate()
+    _active = variant
+
+
+def switch_off() -> None:
+    """Leave no variant's patches behind."""
+    global _active
+    if _active is not None:
+        _active.deactivate()
+        _active = None
+    bgtrace.uninstrument()
+
+
+def server_app() -> Any:
+    """uvicorn ``--factory`` entry point: the variant named by ``BENCH_VARIANT``."""
+    variant = build(os.environ.get("BENCH_VARIANT", "bare"), os.environ.get("BENCH_SHAPE", "async"))
+    if variant is None:
+        raise SystemExit("variant not available")
+    switch_to(variant)
+    return variant.app
