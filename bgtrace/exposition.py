@@ -8,6 +8,7 @@ import hmac
 import os
 import threading
 
+import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -119,7 +120,11 @@ def metrics_app(registry: CollectorRegistry | None = None, *, token: str | None 
             await _respond(send, 405, b"Method Not Allowed\n", "text/plain", allow, head=False)
             return
         try:
-            body, content_type = _render(source, _header(scope, b"accept"))
+            # Rendering many series takes a while (a second for thousands): in a thread, the
+            # event loop keeps serving the app meanwhile.
+            body, content_type = await anyio.to_thread.run_sync(
+                _render, source, _header(scope, b"accept")
+            )
         except Exception:
             logs.internal_error("metrics exposition")
             await _respond(send, 500, b"metrics collection failed\n", "text/plain", [], head=False)

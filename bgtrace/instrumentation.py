@@ -114,9 +114,14 @@ def _install(cls: type, name: str, factory: Callable[[Any], Any]) -> None:
 
 
 def _snapshot() -> None:
-    # ensure_instrumented() runs per request: give it a tuple, not a dict view to copy.
+    # ensure_instrumented() runs per request: give it a tuple of just the method another
+    # library is known to put back (BackgroundTask.__call__), not a dict to copy.
     global _installed
-    _installed = tuple((cls, name, wrapper) for (cls, name), wrapper in _wrappers.items())
+    _installed = tuple(
+        (cls, name, wrapper)
+        for (cls, name), wrapper in _wrappers.items()
+        if cls is background.BackgroundTask and name == "__call__"
+    )
 
 
 def ensure_instrumented() -> None:

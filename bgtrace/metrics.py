@@ -6,6 +6,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -170,6 +171,7 @@ class TaskMetrics:
         self.route = LabelLimiter("route", max_label_values)
         self.error_type = LabelLimiter("error_type", max_label_values)
         self._series: dict[tuple[str, str, str], TaskSeries] = {}
+        self._post_response: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def unregister(self) -> None:
@@ -178,6 +180,15 @@ class TaskMetrics:
             self.queue_wait, self.queue_length, self.in_progress, self.post_response,
         ):  # fmt: skip
             self.registry.unregister(metric)
+
+    def post_response_for(self, route: str) -> Any:
+        """The ``bgtask_post_response_seconds`` child for ``route``, looked up once."""
+        child = self._post_response.get(route)
+        if child is None:
+            child = self.post_response.labels(self.route(route))
+            if len(self._post_response) < _MAX_SERIES_KEYS:
+                self._post_response[route] = child
+        return child
 
     def series(self, task: str, origin: str, route: str) -> TaskSeries:
         key = (task, origin, route)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,7 +20,7 @@ from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
 from .records import finish_request
 from .request import RequestState, current
 from .routes import NO_ROUTE, find_router_app
-from .spans import ATTR_ROUTE, header_getter, http_method
+from .spans import ATTR_ROUTE, carrier_getter, http_method, propagation_carrier
 
 RequestSpans = Literal["auto", "never"]
 REQUEST_SPAN_MODES = ("auto", "never")
@@ -147,7 +148,8 @@ def _start_request_span(
         # An HTTP instrumentation already opened the request's span (perhaps unsampled, then
         # its sampling decision stands): tasks go in its trace.
         return None, None
-    parent = propagate.extract(scope.get("headers") or [], getter=header_getter)
+    carrier = propagation_carrier(scope.get("headers") or ())
+    parent = Context() if carrier is None else propagate.extract(carrier, getter=carrier_getter)
     span = config.tracer.start_span(
         "HTTP" if method == "_OTHER" else method,
         context=parent,
@@ -162,13 +164,15 @@ def _end_request_span(
 ) -> None:
     try:
         route = state.route()[0]
+        attributes: dict[str, str | int] = {}
         if route != NO_ROUTE:
-            span.set_attribute(ATTR_ROUTE, route)
+            attributes[ATTR_ROUTE] = route
             span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
         if state.status is not None:
-            span.set_attribute("http.response.status_code", state.status)
+            attributes["http.response.status_code"] = state.status
             if state.status >= 500:
                 span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span.set_attributes(attributes)
         if exc is not None:
             span.set_status(trace.Status(trace.StatusCode.ERROR))
             span.set_attribute("error.type", type(exc).__qualname__)

@@ -18,6 +18,7 @@ _MAX_PARTIAL_DEPTH = 32
 _MAX_CACHED_NAMES = 1024
 
 _function_names: dict[types.CodeType, tuple[str, str]] = {}
+_labels: dict[types.CodeType, tuple[str, str]] = {}
 
 
 def task_name(func: object) -> tuple[str, str]:
@@ -31,6 +32,23 @@ def task_name(func: object) -> tuple[str, str]:
     except Exception:
         return UNKNOWN, UNKNOWN
     return module[:MAX_NAME_LENGTH], qualname[:MAX_NAME_LENGTH]
+
+
+def task_names(func: object) -> tuple[str, str]:
+    """``(label, qualname)`` for a task callable: the ``task`` label and the span name's part."""
+    if type(func) is types.FunctionType:
+        # The common case, on every queued task: one cached lookup.
+        found = _labels.get(func.__code__)
+        if found is not None:
+            return found
+        module, qualname = task_name(func)
+        found = (qualified(module, qualname), qualname)
+        if len(_labels) >= _MAX_CACHED_NAMES:
+            _labels.clear()
+        _labels[func.__code__] = found
+        return found
+    module, qualname = task_name(func)
+    return qualified(module, qualname), qualname
 
 
 def qualified(module: str, qualname: str) -> str:

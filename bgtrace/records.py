@@ -21,7 +21,7 @@ from starlette import background
 from . import logs
 from .config import Config, default_config
 from .metrics import TaskSeries
-from .naming import error_type, qualified, task_name
+from .naming import error_type, task_names
 from .origin import DEPENDENCY, OTHER, detect
 from .request import RequestState, current
 from .routes import NO_ROUTE
@@ -59,6 +59,7 @@ class TaskRecord:
     __slots__ = (
         "__weakref__", "adopted", "config", "dependency", "enqueued_at", "name", "origin",
         "parent", "qualname", "route", "series", "span", "started_at", "status", "token",
+        "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -71,8 +72,10 @@ class TaskRecord:
         dependency: str | None,
         route: str,
         parent: trace.SpanContext | None,
+        tracing: bool,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.series = series
         self.name = name
         self.qualname = qualname
@@ -105,7 +108,7 @@ class TaskRecord:
             series.queue_wait.observe(wait)
         except Exception:
             logs.internal_error("task start metrics")
-        if self.config.tracing():
+        if self.tracing:
             try:
                 self._start_span(wait)
             except Exception:
@@ -212,15 +215,15 @@ def _queued(task: Any, *, register: bool) -> TaskRecord:
     state = current.get()
     live = state is not None and not state.closed
     config = state.config if state is not None else default_config()
-    module, qualname = task_name(getattr(task, "func", None))
-    name = qualified(module, qualname)
+    tracing = state.tracing if live and state is not None else config.tracing()
+    name, qualname = task_names(getattr(task, "func", None))
     route, origin, dependency = NO_ROUTE, OTHER, None
     if state is not None:
         route, route_obj = state.route()
         if live:
             origin, dependency = detect(route_obj, state.stop_code)
     parent = None
-    if config.tracing():
+    if tracing:
         span = trace.get_current_span()
         context = span.get_span_context()
         parent = context if context.is_valid else None
@@ -236,6 +239,7 @@ def _queued(task: Any, *, register: bool) -> TaskRecord:
         dependency if origin == DEPENDENCY else None,
         series.labels[2],
         parent,
+        tracing,
     )
     series.enqueued.inc()
     series.queue_length.inc()
@@ -351,9 +355,8 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
                 record.drop(reason)
         state.records = []  # all ended: nothing to keep alive with the state
         if state.response_done_at is not None:
-            metrics = state.config.metrics
-            route = metrics.route(state.route()[0])
-            metrics.post_response.labels(route).observe(end - state.response_done_at)
+            post_response = state.config.metrics.post_response_for(state.route()[0])
+            post_response.observe(end - state.response_done_at)
     except Exception:
         logs.internal_error("request end")
 

@@ -28,12 +28,15 @@ class RequestState:
     __slots__ = (
         "_path", "_root_path", "_route", "background_ran", "closed", "config", "live_scope",
         "on_response_sent", "records", "response_done_at", "router_app", "status", "stop_code",
+        "tracing",
     )  # fmt: skip
 
     def __init__(
         self, config: Config, scope: Scope, router_app: Any, stop_code: types.CodeType
     ) -> None:
         self.config = config
+        # Looking up the tracer provider is not free: decide once per request.
+        self.tracing = config.tracing()
         self.live_scope = scope
         # Routing (old Starlette mounts) rewrites these in place: keep them as they arrived.
         self._path = scope.get("path", "")

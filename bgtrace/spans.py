@@ -67,16 +67,30 @@ def http_method(raw: object) -> str:
     return raw if isinstance(raw, str) and raw in _KNOWN_METHODS else "_OTHER"
 
 
-class HeaderGetter(Getter[Iterable[tuple[bytes, bytes]]]):
-    """Reads W3C trace context from raw ASGI headers; malformed values extract nothing."""
-
-    def get(self, carrier: Iterable[tuple[bytes, bytes]], key: str) -> list[str] | None:
-        wanted = key.lower().encode("latin-1")
-        values = [v.decode("latin-1") for k, v in carrier if k.lower() == wanted]
-        return values or None
-
-    def keys(self, carrier: Iterable[tuple[bytes, bytes]]) -> list[str]:
-        return [k.decode("latin-1") for k, _ in carrier]
+# What the default propagators (W3C trace context and baggage) read.
+_PROPAGATION_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
 
 
-header_getter = HeaderGetter()
+def propagation_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]] | None:
+    """The trace headers of a request in one pass, or ``None`` when it has none.
+
+    ASGI servers lowercase header names. Malformed values extract nothing downstream.
+    """
+    carrier: dict[str, list[str]] | None = None
+    for key, value in headers:
+        if key in _PROPAGATION_HEADERS:
+            if carrier is None:
+                carrier = {}
+            carrier.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
+    return carrier
+
+
+class _CarrierGetter(Getter[dict[str, list[str]]]):
+    def get(self, carrier: dict[str, list[str]], key: str) -> list[str] | None:
+        return carrier.get(key.lower())
+
+    def keys(self, carrier: dict[str, list[str]]) -> list[str]:
+        return list(carrier)
+
+
+carrier_getter = _CarrierGetter()

@@ -149,3 +149,42 @@ def test_each_server_answers_before_tasks_and_gauges_return_to_zero(server: str)
             )
 
         wait_for(drained, what="both tasks to complete and the gauges to return to 0")
+
+
+def test_a_slow_scrape_does_not_stall_the_app(registry: CollectorRegistry) -> None:
+    """/metrics renders in a thread: the event loop serves requests while it runs."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    collecting = threading.Event()
+    release = threading.Event()
+
+    class Slow:
+        def collect(self) -> list[GaugeMetricFamily]:
+            collecting.set()
+            release.wait(timeout=30)
+            return [GaugeMetricFamily("slow_thing", "A collector that takes its time.", 1)]
+
+    registry.register(Slow())  # type: ignore[arg-type]
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+
+    @app.get("/ping")
+    async def ping() -> str:
+        return "pong"
+
+    with serve_in_thread(app) as url:
+        scrape_result: list[httpx.Response] = []
+        scraper = threading.Thread(
+            target=lambda: scrape_result.append(httpx.get(f"{url}/metrics", timeout=30))
+        )
+        scraper.start()
+        try:
+            wait_for(collecting.is_set, what="the scrape to start rendering")
+            # The render is blocked; the app must still answer.
+            assert httpx.get(f"{url}/ping", timeout=10).json() == "pong"
+        finally:
+            release.set()
+            scraper.join(timeout=30)
+        assert scrape_result and "slow_thing 1.0" in scrape_result[0].text
