@@ -64,8 +64,13 @@ def forget_process_at_exit() -> None:
 def _forget_process(pid: int) -> None:
     if os.getpid() != pid:
         return  # a forked child inherited the hook; it is not the process that registered
+    forget_process()
+
+
+def forget_process() -> None:
+    """Remove this process's live-sum gauge files from the multiprocess directory."""
     try:
-        mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
     except Exception:
         logs.internal_error("multiprocess exit")
 

@@ -14,7 +14,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
 from .config import Config, TraceMode
-from .exposition import check_multiprocess_dir, forget_process_at_exit, metrics_app
+from .exposition import (
+    check_multiprocess_dir,
+    forget_process,
+    forget_process_at_exit,
+    metrics_app,
+    multiprocess_mode,
+)
 from .instrumentation import ensure_instrumented, instrument
 from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
 from .records import finish_request
@@ -67,6 +73,9 @@ class BackgroundTaskMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and multiprocess_mode():
+                await self.app(scope, receive, _forgetting_at_shutdown(send))
+                return
             await self.app(scope, receive, send)
             return
         if self._metrics_path is not None and _route_path(scope) == self._metrics_path:
@@ -126,6 +135,17 @@ class BackgroundTaskMiddleware:
                     _end_request_span(span, method, state, raised)
                 if span_token is not None:
                     otel_context.detach(span_token)  # type: ignore[arg-type]
+
+
+def _forgetting_at_shutdown(send: Send) -> Send:
+    async def send_wrapper(message: Message) -> None:
+        await send(message)
+        if message["type"] == "lifespan.shutdown.complete":
+            # uvicorn ends a worker by re-raising SIGTERM, so atexit hooks never run: drop
+            # this process's live-sum gauges here, after its tasks were cancelled.
+            forget_process()
+
+    return send_wrapper
 
 
 def _route_path(scope: Scope) -> str:

@@ -8,6 +8,7 @@ bgtrace's own bookkeeping is logged and never reaches the app or the task.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -44,6 +45,7 @@ RECORD_ATTR = "_bgtrace_record"
 STARLETTE_TASK_CALL = background.BackgroundTask.__call__
 
 QUEUED, CLAIMED, RUNNING, DONE, DROPPED = range(5)
+_transitions = threading.Lock()
 
 SUCCESS, FAILURE, CANCELLED = "success", "failure", "cancelled"
 REQUEST_ERROR = "request_error"
@@ -90,15 +92,24 @@ class TaskRecord:
         self.adopted = False
         self.token: object = None
 
+    def _move(self, allowed: tuple[int, ...], to: int) -> bool:
+        # A def task starts and ends in its worker thread while the event loop may drop it
+        # (cancelled waiting for a thread) or end it (cancelled while the thread runs on):
+        # each step happens exactly once, whichever thread gets there first.
+        with _transitions:
+            if self.status not in allowed:
+                return False
+            self.status = to
+            return True
+
     def claim(self) -> bool:
         """Take the task for running; a task runs instrumented at most once."""
-        if self.status != QUEUED:
-            return False
-        self.status = CLAIMED
-        return True
+        return self._move((QUEUED,), CLAIMED)
 
-    def start(self) -> None:
-        self.status = RUNNING
+    def start(self) -> bool:
+        """Count the start; ``False`` when the task was already dropped or ended."""
+        if not self._move((CLAIMED,), RUNNING):
+            return False
         self.started_at = now = perf_counter()
         wait = now - self.enqueued_at
         try:
@@ -113,6 +124,7 @@ class TaskRecord:
                 self._start_span(wait)
             except Exception:
                 logs.internal_error("task span start")
+        return True
 
     def _start_span(self, wait: float) -> None:
         attributes: dict[str, AttributeValue] = {
@@ -145,8 +157,11 @@ class TaskRecord:
         # The task's own spans (HTTP clients, DB calls) nest under its span.
         self.token = otel_context.attach(trace.set_span_in_context(span))
 
-    def finish(self, exc: BaseException | None) -> None:
-        self.status = DONE
+    def finish(self, exc: BaseException | None, *, same_thread: bool = True) -> None:
+        """Count the end. ``same_thread=False``: ended from another thread than the start
+        (whose context cannot be detached from here); a later end is then ignored."""
+        if not self._move((RUNNING,), DONE):
+            return
         elapsed = perf_counter() - self.started_at
         if exc is None:
             outcome, etype = SUCCESS, None
@@ -154,7 +169,7 @@ class TaskRecord:
             outcome, etype = CANCELLED, None
         else:
             outcome, etype = FAILURE, error_type(exc)
-        trace_id = self._end_span(exc, etype)
+        trace_id = self._end_span(exc, etype, same_thread)
         try:
             series = self.series
             series.in_progress.dec()
@@ -170,13 +185,15 @@ class TaskRecord:
         if etype is not None:
             logs.task_failed(self.name, self.origin, self.route, etype, trace_id or "-")
 
-    def _end_span(self, exc: BaseException | None, etype: str | None) -> str | None:
+    def _end_span(
+        self, exc: BaseException | None, etype: str | None, same_thread: bool
+    ) -> str | None:
         """End the span; return its trace id when sampled, for the exemplar and the log."""
         span = self.span
         if span is None:
             return None
         try:
-            if self.token is not None:
+            if self.token is not None and same_thread:
                 otel_context.detach(self.token)  # type: ignore[arg-type]
                 self.token = None
             if etype is not None and exc is not None:
@@ -191,9 +208,8 @@ class TaskRecord:
 
     def drop(self, reason: str) -> None:
         """Count a task that will never start. No-op once it started or was dropped."""
-        if self.status not in (QUEUED, CLAIMED):
+        if not self._move((QUEUED, CLAIMED), DROPPED):
             return
-        self.status = DROPPED
         try:
             self.series.queue_length.dec()
             self.series.count_drop(reason)
@@ -293,6 +309,10 @@ async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
             if record.status == CLAIMED:
                 # Cancelled while waiting for a thread: it never started.
                 record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
+            elif is_cancellation(exc):
+                # Cancelled while its thread runs on (a thread cannot be stopped; at shutdown
+                # the process may die first): its request is over, count it cancelled now.
+                record.finish(exc, same_thread=False)
             raise
         return
     record.start()
@@ -315,7 +335,8 @@ class _ThreadStart:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record
-        record.start()
+        if not record.start():
+            return self.func(*args, **kwargs)  # counted dropped already: run it unmeasured
         try:
             result = self.func(*args, **kwargs)
         except BaseException as exc:
