@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
@@ -47,6 +49,18 @@ def serve_in_thread(app: ASGIApp, **config: object) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def prometheus_tool(name: str) -> str:
+    """The path of Debian's ``prometheus`` or ``promtool``. Locally a missing binary skips the
+    test with the install hint; in CI (``CI=true``) it fails it."""
+    path = shutil.which(name)
+    if path is None:
+        hint = f"{name} missing: apt-get install -y prometheus"
+        if os.environ.get("CI") == "true":
+            pytest.fail(hint)
+        pytest.skip(hint)
+    return path
 
 
 def free_port() -> int:

@@ -10,15 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.servers import prometheus_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
@@ -26,7 +25,6 @@ DASHBOARD_JSON = DASHBOARDS / "bgtrace.json"
 ALERTS_YML = DASHBOARDS / "alerts.yml"
 ALERTS_TEST_YML = DASHBOARDS / "alerts_test.yml"
 
-PROMTOOL_HINT = "promtool missing: apt-get install -y prometheus"
 PROMTOOL_TIMEOUT = 120  # seconds
 
 # Metric names as queried in PromQL -> labels set by bgtrace. Counters are keyed
@@ -264,18 +262,9 @@ def variable_query(var: dict) -> str:
     return query.get("query", "") if isinstance(query, dict) else query
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(PROMTOOL_HINT)
-        pytest.skip(PROMTOOL_HINT)
-    return path
-
-
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [promtool(), *args],
+        [prometheus_tool("promtool"), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -8,8 +8,6 @@ workers), the alert rules load and fire, and the demo's quantile estimate is Pro
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -24,10 +22,9 @@ import yaml
 
 from bgtrace.demo.app import MAX_IMPORT_ROWS, receipt_fails
 from bgtrace.demo.table import histogram_quantile, read_rows
-from tests.servers import ROOT, free_port, serve_process, stop_group, wait_for
+from tests.servers import ROOT, free_port, prometheus_tool, serve_process, stop_group, wait_for
 from tests.test_dashboards import GRAFANA_SUBSTITUTIONS, dashboard_exprs, load_dashboard
 
-PROMETHEUS_HINT = "prometheus missing: apt-get install -y prometheus"
 COMPOSE_CONFIG = ROOT / "examples" / "compose" / "prometheus.yml"
 ALERTS = ROOT / "dashboards" / "alerts.yml"
 JOB = yaml.safe_load(COMPOSE_CONFIG.read_text())["scrape_configs"][0]["job_name"]
@@ -37,15 +34,6 @@ AUDIT = "bgtrace.demo.app.write_audit"
 RECEIPT = "bgtrace.demo.app.render_receipt"
 IMPORT = "bgtrace.demo.app.import_contacts"
 TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT)
-
-
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(PROMETHEUS_HINT)
-        pytest.skip(PROMETHEUS_HINT)
-    return path
 
 
 @contextmanager
@@ -210,7 +198,7 @@ def stored_counts(prometheus: Prometheus, expected: dict[str, float]) -> dict[st
 def test_prometheus_scrapes_two_workers_and_every_dashboard_query_answers(
     tmp_path: Path,
 ) -> None:
-    binary = prometheus_binary()
+    binary = prometheus_tool("prometheus")
     multiproc = tmp_path / "multiproc"
     multiproc.mkdir()
     port = free_port()
