@@ -98,7 +98,7 @@ class BackgroundTaskMiddleware:
         state = RequestState(config, scope, router_app, _STOP_CODE)
         span: trace.Span | None = None
         span_token: object = None
-        if self._request_spans and config.tracing():
+        if self._request_spans and state.tracing:
             try:
                 method = http_method(scope.get("method"))
                 span, span_token = _start_request_span(config, scope, method)
