@@ -141,7 +141,7 @@ def _silence(*fields: str, post_response: bool = False) -> Callable[[Variant], l
         if post_response:
             assert variant.registry is not None
             metrics = bgtrace.metrics.task_metrics(variant.registry)
-            found.append((metrics, "post_response", _NOTHING))
+            found.append((metrics, "post_response_for", lambda route: _NOTHING))
         return found
 
     return patches
@@ -159,16 +159,15 @@ def _metrics_knockouts() -> list[Plan]:
          lambda v: [(bgtrace.config.Config, "tracing", lambda self: False)]),
         ("- origin frame walk", "origin.detect: code maps and frame walk, per task",
          lambda v: [(rec, "detect", _handler)]),
-        ("- task naming", "naming.task_name + qualified, per task",
-         lambda v: [(rec, "task_name", lambda func: ("app", "task")),
-                    (rec, "qualified", lambda module, qualname: "app.task")]),
+        ("- task naming", "naming.task_names (label and qualname, cached), per task",
+         lambda v: [(rec, "task_names", lambda func: ("app.task", "task"))]),
         ("- gauge updates", "queue_length and in_progress inc/dec: 4 per task",
          _silence("queue_length", "in_progress")),
         ("- histogram observes", "queue_wait and duration: 2 per task",
          _silence("queue_wait", "duration")),
         ("- counter updates", "enqueued and completed: 2 per task",
          _silence("enqueued", "completed")),
-        ("- post_response observe", "post_response.labels(route).observe(): 1 per request",
+        ("- post_response observe", "post_response_for(route).observe(): 1 per request",
          _silence(post_response=True)),
         (_ALL_METRICS, "all of the four rows above at once",
          _silence(*_SERIES_FIELDS, post_response=True)),
