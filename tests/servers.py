@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
@@ -71,23 +73,38 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(
-    args: list[str], env: dict[str, str], url: str
+    args: list[str], env: dict[str, str], url: str, *, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process group; wait until ``url`` answers; kill the group afterwards."""
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    """Start ``python *args`` as a process group; wait until ``url`` answers; kill the group
+    afterwards.
+
+    Output goes to a file (``log``, or a temporary one), not a pipe: a server whose failing
+    tasks log a traceback each would fill a pipe nobody reads and stall. The environment is
+    this one's without multiprocess or OpenTelemetry settings, plus ``env``.
+    """
+    inherited = {
+        k: v for k, v in os.environ.items() if k != MULTIPROC_ENV and not k.startswith("OTEL_")
+    }
+    own_log = log is None
+    if log is None:
+        descriptor, name = tempfile.mkstemp(prefix="server-", suffix=".log")
+        os.close(descriptor)
+        log = Path(name)
+    path = log
+    with path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**inherited, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
 
         def up() -> bool:
             if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise AssertionError(f"server exited early:\n{output}")
+                raise AssertionError(f"server exited early:\n{path.read_text(errors='replace')}")
             try:
                 return httpx.get(url, timeout=1).status_code < 500
             except httpx.HTTPError:
@@ -97,6 +114,8 @@ def serve_process(
         yield process
     finally:
         stop_group(process)
+        if own_log:
+            path.unlink(missing_ok=True)
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:

@@ -14,7 +14,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,13 +29,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import ROOT, free_port, scrape, stop_group, total, wait_for
+from tests.servers import MULTIPROC_ENV, free_port, scrape, serve_process, total, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Series = tuple[str, str, str]  # (task, origin, route)
 
 APP = "tests.fault_app"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LOAD_REQUESTS = 20_000
 CLIENTS = 50
@@ -109,43 +107,16 @@ class Server:
 
 @contextmanager
 def uvicorn_server(
-    log_dir: Path, *args: str, env: dict[str, str] | None = None, app: str = f"{APP}:app"
+    log_dir: Path, *uvicorn_args: str, env: dict[str, str] | None = None, app: str = f"{APP}:app"
 ) -> Iterator[Server]:
-    """``python -m uvicorn`` on a free port of 127.0.0.1; stopped with its group afterwards.
-
-    Output goes to a file, not a pipe: thousands of failing tasks log a traceback each, and
-    a pipe nobody reads would fill up and stall the server.
-    """
+    """``python -m uvicorn`` on a free port of 127.0.0.1, its output in ``log_dir``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = log_dir / f"uvicorn-{port}.log"
-    base = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV and not k.startswith("OTEL_")}
-    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-               "--no-access-log", "--log-level", "warning", *args]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**base, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(process, url, log)
-    try:
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited early:\n{server.output()}")
-            try:
-                return httpx.get(f"{url}/metrics", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=30, what=f"{url} to answer")
-        yield server
-    finally:
-        stop_group(process)
+    args = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--no-access-log", "--log-level", "warning", *uvicorn_args]  # fmt: skip
+    with serve_process(args, env or {}, f"{url}/metrics", log=log) as process:
+        yield Server(process, url, log)
 
 
 def read_directory(path: Path) -> Samples:
