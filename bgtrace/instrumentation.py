@@ -13,7 +13,7 @@ from typing import Any, ParamSpec
 
 from starlette import background
 
-from .records import RECORD_ATTR, STARLETTE_TASK_CALL, run_task, run_tasks, track
+from .records import STARLETTE_TASK_CALL, run_task, run_tasks, track
 
 P = ParamSpec("P")
 
@@ -174,8 +174,7 @@ class BackgroundTasks(background.BackgroundTasks):
 
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
         task = background.BackgroundTask(func, *args, **kwargs)
-        if RECORD_ATTR not in task.__dict__:
-            track(task)
+        track(task)  # a no-op when the class patch already recorded it
         self.tasks.append(task)
 
     async def __call__(self) -> None:

@@ -26,9 +26,8 @@ _ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_r
 
 class RequestState:
     __slots__ = (
-        "_path", "_root_path", "_route", "background_ran", "closed", "config", "live_scope",
-        "on_response_sent", "records", "response_done_at", "router_app", "status", "stop_code",
-        "tracing",
+        "_path", "_route", "background_ran", "closed", "config", "live_scope", "on_response_sent",
+        "records", "response_done_at", "root_path", "router_app", "status", "stop_code", "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -40,7 +39,7 @@ class RequestState:
         self.live_scope = scope
         # Routing (old Starlette mounts) rewrites these in place: keep them as they arrived.
         self._path = scope.get("path", "")
-        self._root_path = scope.get("root_path", "")
+        self.root_path: str = scope.get("root_path", "")
         self.router_app = router_app
         self.stop_code = stop_code
         self.records: list[TaskRecord] = []
@@ -64,14 +63,11 @@ class RequestState:
         self.background_ran = True
         self.response_sent()
 
-    def request_scope_root_path(self) -> str:
-        return str(self._root_path)
-
     def request_scope(self) -> Scope:
         """The scope as it arrived, for matching routes again from the top."""
         scope = {k: v for k, v in self.live_scope.items() if k not in _ROUTING_KEYS}
         scope["path"] = self._path
-        scope["root_path"] = self._root_path
+        scope["root_path"] = self.root_path
         return scope
 
     def route(self) -> Resolved:

@@ -40,7 +40,7 @@ def resolve(live_scope: Scope, request: RequestState, router_app: Any) -> Resolv
         if router_app is None:
             return NO_ROUTE, None
         return _match(router_app.routes, request.request_scope(), "", 0)
-    if live_scope.get("root_path", "") == request.request_scope_root_path():
+    if live_scope.get("root_path", "") == request.root_path:
         return template, route
     if router_app is None:
         return template, route
