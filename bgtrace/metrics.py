@@ -1,14 +1,41 @@
-"""The Prometheus metrics bgtrace exports, one set per (registry, namespace)."""
+"""The Prometheus metrics bgtrace exports, one set per (registry, namespace).
+
+In a single process the values are bgtrace's own (``accumulators``), exposed through a
+collector registered in the registry; in multiprocess mode they are prometheus_client metrics,
+whose per-process files ``MultiProcessCollector`` adds up.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
+from .families import (
+    COMPLETED,
+    DROPPED,
+    DURATION,
+    ENQUEUED,
+    FAILURES,
+    IN_PROGRESS,
+    POST_RESPONSE,
+    QUEUE_LENGTH,
+    QUEUE_WAIT,
+    TASK_LABELS,
+    Family,
+    LocalValues,
+    collect,
+    describe,
+    full_name,
+    render,
+)  # fmt: skip
+from .multiprocess import multiprocess_mode
 
 logger = logging.getLogger("bgtrace")
 
@@ -18,13 +45,14 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 DEFAULT_MAX_LABEL_VALUES = 200
 OTHER = "other"
-TASK_LABELS = ("task", "origin", "route")
 # Lookup keys remembered per metrics set: far above the (task, origin, route) combinations
 # of a real app, and a bound on what run-time-made callables can pin in memory.
 _MAX_SERIES_KEYS = 4096
 
-OUTCOMES = ("success", "failure", "cancelled")
-DROP_REASONS = ("request_error", "earlier_task_failed", "cancelled", "not_attached")
+ALL_FAMILIES = (
+    ENQUEUED, COMPLETED, FAILURES, DROPPED, DURATION, QUEUE_WAIT, QUEUE_LENGTH, IN_PROGRESS,
+    POST_RESPONSE,
+)  # fmt: skip
 
 
 class LabelLimiter:
@@ -56,15 +84,16 @@ class LabelLimiter:
         return OTHER
 
 
-class TaskSeries:
-    """The labelled children of every per-task metric for one (task, origin, route)."""
+class ClientSeries:
+    """One (task, origin, route) in prometheus_client's values: used in multiprocess mode,
+    where only its per-process files add up across workers."""
 
     __slots__ = (
-        "_metrics", "completed", "duration", "enqueued", "in_progress",
-        "labels", "queue_length", "queue_wait",
+        "_metrics", "completed", "duration", "enqueued", "in_progress", "labels",
+        "queue_length", "queue_wait",
     )  # fmt: skip
 
-    def __init__(self, metrics: TaskMetrics, labels: tuple[str, str, str]) -> None:
+    def __init__(self, metrics: _ClientMetrics, labels: tuple[str, str, str]) -> None:
         self._metrics = metrics
         self.labels = labels
         self.enqueued = metrics.enqueued.labels(*labels)
@@ -72,15 +101,100 @@ class TaskSeries:
         self.in_progress = metrics.in_progress.labels(*labels)
         self.queue_wait = metrics.queue_wait.labels(*labels)
         self.duration = metrics.duration.labels(*labels)
-        # Created up front at zero so that failure ratios and rate() see the series from the
-        # first scrape, not only after the first failure.
+        # Created up front at zero, as in the single-process values.
         self.completed = {o: metrics.completed.labels(*labels, o) for o in OUTCOMES}
 
-    def count_failure(self, error_type: str) -> None:
-        self._metrics.failures.labels(*self.labels, self._metrics.error_type(error_type)).inc()
+    def queued(self) -> None:
+        self.enqueued.inc()
+        self.queue_length.inc()
 
-    def count_drop(self, reason: str) -> None:
+    def started(self, wait: float) -> None:
+        self.queue_length.dec()
+        self.in_progress.inc()
+        self.queue_wait.observe(wait)
+
+    def finished(
+        self, elapsed: float, outcome: str, error_type: str | None, trace_id: str | None
+    ) -> None:
+        self.in_progress.dec()
+        self.duration.observe(elapsed)  # no exemplars in multiprocess mode
+        self.completed[outcome].inc()
+        if error_type is not None:
+            label = self._metrics.error_type(error_type)
+            self._metrics.failures.labels(*self.labels, label).inc()
+
+    def dropped(self, reason: str) -> None:
+        self.queue_length.dec()
         self._metrics.dropped.labels(*self.labels, reason).inc()
+
+
+class _ClientMetrics:
+    """bgtrace's families as prometheus_client metrics, registered in one registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        namespace: str,
+        buckets: tuple[float, ...],
+        error_type: LabelLimiter,
+    ) -> None:
+        self.registry = registry
+        self.error_type = error_type
+
+        def name(family: Family) -> str:
+            return full_name(namespace, family)
+
+        def counter(family: Family, *extra: str) -> Counter:
+            return Counter(name(family), family.help, (*TASK_LABELS, *extra), registry=registry)
+
+        def histogram(family: Family, labels: tuple[str, ...] = TASK_LABELS) -> Histogram:
+            return Histogram(name(family), family.help, labels, buckets=buckets, registry=registry)
+
+        def gauge(family: Family) -> Gauge:
+            # livesum: with several worker processes the gauge is the sum over live workers.
+            return Gauge(
+                name(family), family.help, TASK_LABELS, multiprocess_mode="livesum",
+                registry=registry,
+            )  # fmt: skip
+
+        self.enqueued = counter(ENQUEUED)
+        self.completed = counter(COMPLETED, "outcome")
+        self.failures = counter(FAILURES, "error_type")
+        self.dropped = counter(DROPPED, "reason")
+        self.duration = histogram(DURATION)
+        self.queue_wait = histogram(QUEUE_WAIT)
+        self.queue_length = gauge(QUEUE_LENGTH)
+        self.in_progress = gauge(IN_PROGRESS)
+        self.post_response = histogram(POST_RESPONSE, ("route",))
+
+    def unregister(self) -> None:
+        for metric in (
+            self.enqueued, self.completed, self.failures, self.dropped, self.duration,
+            self.queue_wait, self.queue_length, self.in_progress, self.post_response,
+        ):  # fmt: skip
+            self.registry.unregister(metric)
+
+
+class _LocalCollector:
+    """Registers bgtrace's local values with a registry (prometheus_client's Collector)."""
+
+    def __init__(self, metrics: TaskMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return describe(self._metrics.namespace)
+
+    def collect(self) -> Iterator[Metric]:
+        if getattr(_rendering, "active", False):
+            return iter(())  # bgtrace's /metrics writes these itself, after the rest
+        return collect(self._metrics.values())
+
+
+# Set in the thread that renders /metrics while it encodes the rest of the registry.
+_rendering = threading.local()
+
+
+Series = LocalSeries | ClientSeries
 
 
 class TaskMetrics:
@@ -95,102 +209,69 @@ class TaskMetrics:
         implicit: bool = False,
     ) -> None:
         self.registry = registry
+        self.namespace = namespace
         self.implicit = implicit
         self.buckets = buckets
         self.max_label_values = max_label_values
-        self.enqueued = Counter(
-            "bgtask_enqueued",
-            "Background tasks queued.",
-            TASK_LABELS,
-            namespace=namespace,
-            registry=registry,
-        )
-        self.completed = Counter(
-            "bgtask_completed",
-            "Background tasks that ran to an end, by outcome.",
-            (*TASK_LABELS, "outcome"),
-            namespace=namespace,
-            registry=registry,
-        )
-        self.failures = Counter(
-            "bgtask_failures",
-            "Background tasks that raised, by exception type.",
-            (*TASK_LABELS, "error_type"),
-            namespace=namespace,
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "bgtask_dropped",
-            "Background tasks queued but never started, by reason.",
-            (*TASK_LABELS, "reason"),
-            namespace=namespace,
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "bgtask_duration_seconds",
-            "Background task run time, start to end.",
-            TASK_LABELS,
-            buckets=buckets,
-            namespace=namespace,
-            registry=registry,
-        )
-        self.queue_wait = Histogram(
-            "bgtask_queue_wait_seconds",
-            "Time from queuing a background task to its start.",
-            TASK_LABELS,
-            buckets=buckets,
-            namespace=namespace,
-            registry=registry,
-        )
-        # livesum: with several worker processes the gauge is the sum over live workers.
-        self.queue_length = Gauge(
-            "bgtask_queue_length",
-            "Background tasks queued and not yet started.",
-            TASK_LABELS,
-            multiprocess_mode="livesum",
-            namespace=namespace,
-            registry=registry,
-        )
-        self.in_progress = Gauge(
-            "bgtask_in_progress",
-            "Background tasks running now.",
-            TASK_LABELS,
-            multiprocess_mode="livesum",
-            namespace=namespace,
-            registry=registry,
-        )
-        self.post_response = Histogram(
-            "bgtask_post_response_seconds",
-            "Time from the last response byte to the end of the request's background work.",
-            ("route",),
-            buckets=buckets,
-            namespace=namespace,
-            registry=registry,
-        )
         self.task = LabelLimiter("task", max_label_values)
         self.route = LabelLimiter("route", max_label_values)
         self.error_type = LabelLimiter("error_type", max_label_values)
-        self._series: dict[tuple[str, str, str], TaskSeries] = {}
+        self._series: dict[tuple[str, str, str], Series] = {}
+        self._local_series: dict[tuple[str, str, str], LocalSeries] = {}
         self._post_response: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._local_post_response: dict[str, LocalHistogram] = {}
+        # Reentrant: see accumulators.
+        self._lock = threading.RLock()
+        self._client: _ClientMetrics | None = None
+        self._collector: _LocalCollector | None = None
+        for family in ALL_FAMILIES:
+            full_name(namespace, family)  # a bad namespace fails here, before registering
+        if multiprocess_mode():
+            self._client = _ClientMetrics(registry, namespace, buckets, self.error_type)
+        else:
+            self._collector = _LocalCollector(self)
+            registry.register(self._collector)
+
+    @property
+    def local(self) -> bool:
+        """Whether the values live here (single process) rather than in prometheus_client."""
+        return self._client is None
 
     def unregister(self) -> None:
-        for metric in (
-            self.enqueued, self.completed, self.failures, self.dropped, self.duration,
-            self.queue_wait, self.queue_length, self.in_progress, self.post_response,
-        ):  # fmt: skip
-            self.registry.unregister(metric)
+        if self._client is not None:
+            self._client.unregister()
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+
+    def values(self) -> LocalValues:
+        return LocalValues(
+            self.namespace,
+            self.buckets,
+            list(self._local_series.values()),
+            dict(self._local_post_response),
+        )
+
+    def render(self, openmetrics: bool) -> list[str]:
+        return render(self.values(), openmetrics)
 
     def post_response_for(self, route: str) -> Any:
-        """The ``bgtask_post_response_seconds`` child for ``route``, looked up once."""
-        child = self._post_response.get(route)
-        if child is None:
-            child = self.post_response.labels(self.route(route))
-            if len(self._post_response) < _MAX_SERIES_KEYS:
-                self._post_response[route] = child
-        return child
+        """The ``bgtask_post_response_seconds`` histogram for ``route``, looked up once."""
+        found = self._post_response.get(route)
+        if found is None:
+            label = self.route(route)
+            with self._lock:
+                if self._client is not None:
+                    found = self._client.post_response.labels(label)
+                else:
+                    found = self._local_post_response.get(label)
+                    if found is None:
+                        found = LocalHistogram(self.buckets, self._lock)
+                        self._local_post_response[label] = found
+                if len(self._post_response) < _MAX_SERIES_KEYS:
+                    self._post_response[route] = found
+        return found
 
-    def series(self, task: str, origin: str, route: str) -> TaskSeries:
+    def series(self, task: str, origin: str, route: str) -> Series:
         key = (task, origin, route)
         found = self._series.get(key)
         if found is not None:
@@ -199,7 +280,12 @@ class TaskMetrics:
         with self._lock:
             found = self._series.get(labels)
             if found is None:
-                found = self._series[labels] = TaskSeries(self, labels)
+                if self._client is not None:
+                    found = ClientSeries(self._client, labels)
+                else:
+                    found = LocalSeries(labels, self.buckets, self._lock, self.error_type)
+                    self._local_series[labels] = found
+                self._series[labels] = found
             # Remember the raw key too, so the next lookup skips the limiters; past the bound
             # (one-off callables made at run time), lookups just take the slower path.
             if len(self._series) < _MAX_SERIES_KEYS:
@@ -253,3 +339,32 @@ def task_metrics(
                 "another namespace, or another registry"
             )
         return existing
+
+
+def local_sets(registry: CollectorRegistry) -> list[TaskMetrics]:
+    """The metrics sets in ``registry`` whose values bgtrace holds itself."""
+    with _by_registry_lock:
+        return [m for m in _by_registry.get(registry, {}).values() if m.local]
+
+
+def render_registry(
+    registry: CollectorRegistry, encoder: Callable[[Any], bytes], openmetrics: bool
+) -> bytes:
+    """``registry`` in the encoder's format, bgtrace's own families written directly."""
+    owned = local_sets(registry)
+    if not owned:
+        return encoder(registry)
+    _rendering.active = True
+    try:
+        rest = encoder(registry)
+    finally:
+        _rendering.active = False
+    end = b""
+    if openmetrics and rest.endswith(_EOF):
+        rest, end = rest[: -len(_EOF)], _EOF
+    return b"".join(
+        [rest, *[piece.encode() for m in owned for piece in m.render(openmetrics)], end]
+    )
+
+
+_EOF = b"# EOF\n"

@@ -14,15 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
 from .config import Config, TraceMode
-from .exposition import (
+from .exposition import metrics_app
+from .instrumentation import ensure_instrumented, instrument
+from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
+from .multiprocess import (
     check_multiprocess_dir,
     forget_process,
     forget_process_at_exit,
-    metrics_app,
     multiprocess_mode,
 )
-from .instrumentation import ensure_instrumented, instrument
-from .metrics import DEFAULT_MAX_LABEL_VALUES, task_metrics
 from .records import finish_request
 from .request import RequestState, current
 from .routes import NO_ROUTE, find_router_app

@@ -21,7 +21,7 @@ from starlette import background
 
 from . import logs
 from .config import Config, default_config
-from .metrics import TaskSeries
+from .metrics import Series
 from .naming import error_type, task_names
 from .origin import DEPENDENCY, OTHER, detect
 from .request import RequestState, current
@@ -67,7 +67,7 @@ class TaskRecord:
     def __init__(
         self,
         config: Config,
-        series: TaskSeries,
+        series: Series,
         name: str,
         qualname: str,
         origin: str,
@@ -113,10 +113,7 @@ class TaskRecord:
         self.started_at = now = perf_counter()
         wait = now - self.enqueued_at
         try:
-            series = self.series
-            series.queue_length.dec()
-            series.in_progress.inc()
-            series.queue_wait.observe(wait)
+            self.series.started(wait)
         except Exception:
             logs.internal_error("task start metrics")
         if self.tracing:
@@ -171,15 +168,7 @@ class TaskRecord:
             outcome, etype = FAILURE, error_type(exc)
         trace_id = self._end_span(exc, etype, same_thread)
         try:
-            series = self.series
-            series.in_progress.dec()
-            if trace_id is not None:
-                series.duration.observe(elapsed, {"trace_id": trace_id})
-            else:
-                series.duration.observe(elapsed)
-            series.completed[outcome].inc()
-            if etype is not None:
-                series.count_failure(etype)
+            self.series.finished(elapsed, outcome, etype, trace_id)
         except Exception:
             logs.internal_error("task end metrics")
         if etype is not None:
@@ -211,8 +200,7 @@ class TaskRecord:
         if not self._move((QUEUED, CLAIMED), DROPPED):
             return
         try:
-            self.series.queue_length.dec()
-            self.series.count_drop(reason)
+            self.series.dropped(reason)
         except Exception:
             logs.internal_error("task drop metrics")
 
@@ -257,8 +245,7 @@ def _queued(task: Any, *, register: bool) -> TaskRecord:
         parent,
         tracing,
     )
-    series.enqueued.inc()
-    series.queue_length.inc()
+    series.queued()
     if register:
         if live and state is not None:
             state.records.append(record)

@@ -126,7 +126,7 @@ def test_bearer_token_guards_metrics(
 def test_multiprocess_variable_that_is_no_directory_is_reported_at_start(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from bgtrace.exposition import check_multiprocess_dir, multiprocess_mode
+    from bgtrace.multiprocess import check_multiprocess_dir, multiprocess_mode
 
     # Empty still switches prometheus_client to multiprocess mode: bgtrace must agree.
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")

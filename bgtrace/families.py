@@ -1,0 +1,271 @@
+"""bgtrace's metric families: their names and help, and both ways of exposing local values.
+
+``collect`` builds prometheus_client metric families, so that anything reading a registry
+(``generate_latest``, ``get_sample_value``, other exporters) sees bgtrace's metrics. ``render``
+writes the same samples straight to the text formats for bgtrace's own ``/metrics``: with
+thousands of series, building a sample object per line takes seconds; formatting prepared
+templates takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from .accumulators import LocalHistogram, LocalSeries, escape
+
+TASK_LABELS = ("task", "origin", "route")
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    help: str
+    type: str  # "counter", "gauge" or "histogram"
+
+
+ENQUEUED = Family("bgtask_enqueued", "Background tasks queued.", "counter")
+COMPLETED = Family(
+    "bgtask_completed", "Background tasks that ran to an end, by outcome.", "counter"
+)
+FAILURES = Family("bgtask_failures", "Background tasks that raised, by exception type.", "counter")
+DROPPED = Family(
+    "bgtask_dropped", "Background tasks queued but never started, by reason.", "counter"
+)
+DURATION = Family("bgtask_duration_seconds", "Background task run time, start to end.", "histogram")
+QUEUE_WAIT = Family(
+    "bgtask_queue_wait_seconds", "Time from queuing a background task to its start.", "histogram"
+)
+QUEUE_LENGTH = Family(
+    "bgtask_queue_length", "Background tasks queued and not yet started.", "gauge"
+)
+IN_PROGRESS = Family("bgtask_in_progress", "Background tasks running now.", "gauge")
+POST_RESPONSE = Family(
+    "bgtask_post_response_seconds",
+    "Time from the last response byte to the end of the request's background work.",
+    "histogram",
+)
+
+
+def full_name(namespace: str, family: Family) -> str:
+    """The exported name, joined as prometheus_client joins it; a bad namespace fails early."""
+    name = f"{namespace}_{family.name}" if namespace else family.name
+    if not _NAME.match(name):
+        raise ValueError(f"namespace {namespace!r} does not make a valid metric name: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class LocalValues:
+    """What one metrics set exposes: its names and its current values."""
+
+    namespace: str
+    bounds: tuple[float, ...]
+    series: Iterable[LocalSeries]
+    post_response: Mapping[str, LocalHistogram]
+
+
+# --- prometheus_client families ------------------------------------------------------------
+
+
+def describe(namespace: str) -> list[Metric]:
+    """The families without samples: what the registry needs to refuse duplicate names."""
+    return list(_families(namespace, (), {}, ()))
+
+
+def collect(values: LocalValues) -> Iterator[Metric]:
+    series = list(values.series)
+    return _families(values.namespace, series, dict(values.post_response), values.bounds)
+
+
+def _families(
+    namespace: str,
+    series: list[LocalSeries] | tuple[()],
+    post_response: dict[str, LocalHistogram],
+    bounds: tuple[float, ...],
+) -> Iterator[Metric]:
+    def name(family: Family) -> str:
+        return full_name(namespace, family)
+
+    enqueued = CounterMetricFamily(name(ENQUEUED), ENQUEUED.help, labels=TASK_LABELS)
+    completed = CounterMetricFamily(
+        name(COMPLETED), COMPLETED.help, labels=(*TASK_LABELS, "outcome")
+    )
+    failures = CounterMetricFamily(
+        name(FAILURES), FAILURES.help, labels=(*TASK_LABELS, "error_type")
+    )
+    dropped = CounterMetricFamily(name(DROPPED), DROPPED.help, labels=(*TASK_LABELS, "reason"))
+    for one in series:
+        enqueued.add_metric(one.labels, one.enqueued)
+        for outcome, count in list(one.completed.items()):
+            completed.add_metric((*one.labels, outcome), count)
+        for error_type, count in list(one.failures.items()):
+            failures.add_metric((*one.labels, error_type), count)
+        for reason, count in list(one.drops.items()):
+            dropped.add_metric((*one.labels, reason), count)
+    yield from (enqueued, completed, failures, dropped)
+    for family, attr in ((DURATION, "duration"), (QUEUE_WAIT, "queue_wait")):
+        histogram = HistogramMetricFamily(name(family), family.help, labels=TASK_LABELS)
+        for one in series:
+            _add_histogram(histogram, one.labels, getattr(one, attr), bounds)
+        yield histogram
+    for family, attr in ((QUEUE_LENGTH, "queue_length"), (IN_PROGRESS, "in_progress")):
+        gauge = GaugeMetricFamily(name(family), family.help, labels=TASK_LABELS)
+        for one in series:
+            gauge.add_metric(one.labels, getattr(one, attr))
+        yield gauge
+    post = HistogramMetricFamily(name(POST_RESPONSE), POST_RESPONSE.help, labels=("route",))
+    for route, values in post_response.items():
+        _add_histogram(post, (route,), values, bounds)
+    yield post
+
+
+def _add_histogram(
+    family: HistogramMetricFamily,
+    labels: tuple[str, ...],
+    histogram: LocalHistogram,
+    bounds: tuple[float, ...],
+) -> None:
+    cumulative = list(accumulate(histogram.counts))
+    exemplars = histogram.exemplars or [None] * len(cumulative)
+    buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+    for le, count, exemplar in zip(_les(bounds), cumulative, exemplars, strict=True):
+        if exemplar is None:
+            buckets.append((le, count))
+        else:
+            trace_id, value, at = exemplar
+            buckets.append((le, count, Exemplar({"trace_id": trace_id}, value, at)))
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+def _les(bounds: tuple[float, ...]) -> list[str]:
+    return [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+# --- the text formats, written directly ----------------------------------------------------
+
+
+def render(values: LocalValues, openmetrics: bool) -> list[str]:
+    """Every family in Prometheus text format 0.0.4, or OpenMetrics 1.0 (without ``# EOF``),
+    in pieces: the caller encodes them one by one into the body, so that no second copy of
+    the whole text is made."""
+    series = list(values.series)
+    post_response = list(values.post_response.items())
+    ns = values.namespace
+    out: list[str] = []
+
+    def counter(family: Family, lines: list[str]) -> None:
+        name = full_name(ns, family)
+        header = name if openmetrics else f"{name}_total"
+        out.append(f"# HELP {header} {_help(family)}\n# TYPE {header} counter\n")
+        out.extend(lines)
+
+    name = full_name(ns, ENQUEUED) + "_total"
+    counter(ENQUEUED, [f"{name}{{{s.text}}} {s.enqueued}.0\n" for s in series])
+    name = full_name(ns, COMPLETED) + "_total"
+    counter(
+        COMPLETED,
+        [
+            f'{name}{{{s.head},outcome="{outcome}",{s.tail}}} {count}.0\n'
+            for s in series
+            for outcome, count in list(s.completed.items())
+        ],
+    )
+    name = full_name(ns, FAILURES) + "_total"
+    counter(
+        FAILURES,
+        [
+            f'{name}{{error_type="{escape(error_type)}",{s.text}}} {count}.0\n'
+            for s in series
+            if s.failures
+            for error_type, count in list(s.failures.items())
+        ],
+    )
+    name = full_name(ns, DROPPED) + "_total"
+    counter(
+        DROPPED,
+        [
+            f'{name}{{{s.head},reason="{reason}",{s.tail}}} {count}.0\n'
+            for s in series
+            if s.drops
+            for reason, count in list(s.drops.items())
+        ],
+    )
+    for family, attr in ((DURATION, "duration"), (QUEUE_WAIT, "queue_wait")):
+        _histogram(
+            out,
+            ns,
+            family,
+            values.bounds,
+            [(s.text, getattr(s, attr)) for s in series],
+            openmetrics,
+        )
+    for family in (QUEUE_LENGTH, IN_PROGRESS):
+        name = full_name(ns, family)
+        out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} gauge\n")
+        if family is QUEUE_LENGTH:
+            out.extend([f"{name}{{{s.text}}} {s.queue_length}.0\n" for s in series])
+        else:
+            out.extend([f"{name}{{{s.text}}} {s.in_progress}.0\n" for s in series])
+    _histogram(
+        out,
+        ns,
+        POST_RESPONSE,
+        values.bounds,
+        [(f'route="{escape(route)}"', histogram) for route, histogram in post_response],
+        openmetrics,
+    )
+    return out
+
+
+def _histogram(
+    out: list[str],
+    namespace: str,
+    family: Family,
+    bounds: tuple[float, ...],
+    members: list[tuple[str, LocalHistogram]],
+    openmetrics: bool,
+) -> None:
+    name = full_name(namespace, family)
+    out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} histogram\n")
+    # One template per family: the label set is put in once per series by replace(), and the
+    # numbers by a single %-format. Names are checked against _NAME, so they hold no "%".
+    # Counts are written as prometheus_client writes them, as floats.
+    les = _les(bounds)
+    tail = [f"{name}_count{{\0}} %d.0\n", f"{name}_sum{{\0}} %r\n"]
+    template = "".join([f'{name}_bucket{{le="{le}",\0}} %d.0\n' for le in les] + tail)
+    # OpenMetrics with exemplars: one more %s per bucket line, empty where it has none.
+    with_exemplars = "".join([f'{name}_bucket{{le="{le}",\0}} %d.0%s\n' for le in les] + tail)
+    slots: list[object] = [0, ""] * len(les)
+    append = out.append
+    for text, histogram in members:
+        cumulative = [*accumulate(histogram.counts)]
+        exemplars = histogram.exemplars if openmetrics else None
+        # The count is the +Inf bucket, read once: the two always agree.
+        if exemplars is None:
+            chunk = template % (*cumulative, cumulative[-1], histogram.sum)
+        else:
+            values = slots[:]
+            values[0::2] = cumulative
+            for index, exemplar in enumerate(list(exemplars)):
+                if exemplar is not None:
+                    trace_id, value, at = exemplar
+                    values[2 * index + 1] = f' # {{trace_id="{trace_id}"}} {value!r} {at!r}'
+            chunk = with_exemplars % (*values, cumulative[-1], histogram.sum)
+        append(chunk.replace("\0", text))
+
+
+def _help(family: Family) -> str:
+    return family.help.replace("\\", r"\\").replace("\n", r"\n")
