@@ -6,16 +6,16 @@ lock and a few integer additions, and ``/metrics`` reads the numbers directly
 (``families.render``). With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client's file-backed
 values are used instead (``metrics.ClientSeries``): only they add up across processes.
 
-Nothing that the garbage collector tracks is allocated while the lock is held: a collection
-could run a ``weakref.finalize`` callback that counts a dropped task, which takes the lock
-again (it is reentrant, so that would not deadlock, but could interleave an update).
+The lock is reentrant: a garbage collection while it is held can run a ``weakref.finalize``
+callback that counts a dropped task, which takes it again. Such a nested update only touches
+``queue_length`` and ``drops``; the one allocation under the lock that can start a collection
+(a series' first exemplar list, in ``finished``) comes after no read of those.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable
 from time import time
 
 OUTCOMES = ("success", "failure", "cancelled")
@@ -26,7 +26,7 @@ Exemplar = tuple[str, float, float]
 
 
 class LocalHistogram:
-    """Bucket counts (not cumulative), their sum, and one exemplar per bucket at most."""
+    """Bucket counts (not cumulative), their sum, and the latest exemplar of each bucket."""
 
     __slots__ = ("bounds", "counts", "exemplars", "lock", "sum")
 
@@ -35,6 +35,7 @@ class LocalHistogram:
         self.lock = lock
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        # Allocated on the first exemplar (only duration histograms of traced tasks get any).
         self.exemplars: list[Exemplar | None] | None = None
 
     def observe(self, value: float) -> None:
@@ -45,23 +46,22 @@ class LocalHistogram:
 
 
 class LocalSeries:
-    """Every per-task value for one (task, origin, route)."""
+    """Every per-task value for one (task, origin, route).
+
+    The update methods expect the caller to hold ``lock``: a task record changes its state
+    and the values in one go (``records.TaskRecord``).
+    """
 
     __slots__ = (
-        "completed", "drops", "duration", "enqueued", "error_type", "failures", "head",
-        "in_progress", "labels", "lock", "queue_length", "queue_wait", "tail", "text",
+        "completed", "drops", "duration", "enqueued", "failures", "head", "in_progress",
+        "labels", "lock", "queue_length", "queue_wait", "tail", "text",
     )  # fmt: skip
 
     def __init__(
-        self,
-        labels: tuple[str, str, str],
-        bounds: tuple[float, ...],
-        lock: threading.RLock,
-        error_type: Callable[[str], str],
+        self, labels: tuple[str, str, str], bounds: tuple[float, ...], lock: threading.RLock
     ) -> None:
         self.labels = labels
         self.lock = lock
-        self.error_type = error_type
         # The label set as the exposition writes it (sorted by name, as prometheus_client
         # does), escaped once; per-outcome and per-reason labels go between head and tail.
         task, origin, route = labels
@@ -80,44 +80,43 @@ class LocalSeries:
         self.duration = LocalHistogram(bounds, lock)
 
     def queued(self) -> None:
-        with self.lock:
-            self.enqueued += 1
-            self.queue_length += 1
+        self.enqueued += 1
+        self.queue_length += 1
 
     def started(self, wait: float) -> None:
         histogram = self.queue_wait
-        index = bisect_left(histogram.bounds, wait)
-        with self.lock:
-            self.queue_length -= 1
-            self.in_progress += 1
-            histogram.counts[index] += 1
-            histogram.sum += wait
+        histogram.counts[bisect_left(histogram.bounds, wait)] += 1
+        histogram.sum += wait
+        self.queue_length -= 1
+        self.in_progress += 1
 
     def finished(
-        self, elapsed: float, outcome: str, error_type: str | None, trace_id: str | None
+        self, elapsed: float, outcome: str, error_type: str | None, exemplar: Exemplar | None
     ) -> None:
+        """``error_type``: the label value, already bounded; ``exemplar``: made by the caller
+        before taking the lock."""
         histogram = self.duration
         index = bisect_left(histogram.bounds, elapsed)
-        exemplar: Exemplar | None = None
-        if trace_id is not None:
-            exemplar = (trace_id, elapsed, time())
-            if histogram.exemplars is None:
-                histogram.exemplars = [None] * len(histogram.counts)
-        label = self.error_type(error_type) if error_type is not None else None
-        with self.lock:
-            self.in_progress -= 1
-            histogram.counts[index] += 1
-            histogram.sum += elapsed
-            self.completed[outcome] += 1
-            if label is not None:
-                self.failures[label] = self.failures.get(label, 0) + 1
-            if exemplar is not None and histogram.exemplars is not None:
-                histogram.exemplars[index] = exemplar
+        histogram.counts[index] += 1
+        histogram.sum += elapsed
+        self.in_progress -= 1
+        self.completed[outcome] += 1
+        if error_type is not None:
+            self.failures[error_type] = self.failures.get(error_type, 0) + 1
+        if exemplar is not None:
+            exemplars = histogram.exemplars
+            if exemplars is None:
+                # A list allocated under the lock, once per series: see the module's note.
+                exemplars = histogram.exemplars = [None] * len(histogram.counts)
+            exemplars[index] = exemplar
 
     def dropped(self, reason: str) -> None:
-        with self.lock:
-            self.queue_length -= 1
-            self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.queue_length -= 1
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def exemplar(trace_id: str, value: float) -> Exemplar:
+    return (trace_id, value, time())
 
 
 def escape(value: str) -> str:

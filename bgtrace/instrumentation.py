@@ -7,6 +7,7 @@ reversible: ``uninstrument()`` puts back the very same function objects.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec
@@ -33,7 +34,9 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         original(self, func, *args, **kwargs)
         if _enabled:
-            track(self)
+            # Where the task was made (add_task, or the app itself): the origin walk starts
+            # there, not at bgtrace's own frames.
+            track(self, sys._getframe(1))
 
     return __init__
 

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
-from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
+from .accumulators import OUTCOMES, Exemplar, LocalHistogram, LocalSeries
 from .families import (
     COMPLETED,
     DROPPED,
@@ -89,13 +89,17 @@ class ClientSeries:
     where only its per-process files add up across workers."""
 
     __slots__ = (
-        "_metrics", "completed", "duration", "enqueued", "in_progress", "labels",
+        "_metrics", "completed", "duration", "enqueued", "in_progress", "labels", "lock",
         "queue_length", "queue_wait",
     )  # fmt: skip
 
-    def __init__(self, metrics: _ClientMetrics, labels: tuple[str, str, str]) -> None:
+    def __init__(
+        self, metrics: _ClientMetrics, labels: tuple[str, str, str], lock: threading.RLock
+    ) -> None:
         self._metrics = metrics
         self.labels = labels
+        # Held by the caller of the update methods, as for LocalSeries.
+        self.lock = lock
         self.enqueued = metrics.enqueued.labels(*labels)
         self.queue_length = metrics.queue_length.labels(*labels)
         self.in_progress = metrics.in_progress.labels(*labels)
@@ -114,14 +118,13 @@ class ClientSeries:
         self.queue_wait.observe(wait)
 
     def finished(
-        self, elapsed: float, outcome: str, error_type: str | None, trace_id: str | None
+        self, elapsed: float, outcome: str, error_type: str | None, exemplar: Exemplar | None
     ) -> None:
         self.in_progress.dec()
         self.duration.observe(elapsed)  # no exemplars in multiprocess mode
         self.completed[outcome].inc()
         if error_type is not None:
-            label = self._metrics.error_type(error_type)
-            self._metrics.failures.labels(*self.labels, label).inc()
+            self._metrics.failures.labels(*self.labels, error_type).inc()
 
     def dropped(self, reason: str) -> None:
         self.queue_length.dec()
@@ -136,10 +139,8 @@ class _ClientMetrics:
         registry: CollectorRegistry,
         namespace: str,
         buckets: tuple[float, ...],
-        error_type: LabelLimiter,
     ) -> None:
         self.registry = registry
-        self.error_type = error_type
 
         def name(family: Family) -> str:
             return full_name(namespace, family)
@@ -227,7 +228,7 @@ class TaskMetrics:
         for family in ALL_FAMILIES:
             full_name(namespace, family)  # a bad namespace fails here, before registering
         if multiprocess_mode():
-            self._client = _ClientMetrics(registry, namespace, buckets, self.error_type)
+            self._client = _ClientMetrics(registry, namespace, buckets)
         else:
             self._collector = _LocalCollector(self)
             registry.register(self._collector)
@@ -281,9 +282,9 @@ class TaskMetrics:
             found = self._series.get(labels)
             if found is None:
                 if self._client is not None:
-                    found = ClientSeries(self._client, labels)
+                    found = ClientSeries(self._client, labels, self._lock)
                 else:
-                    found = LocalSeries(labels, self.buckets, self._lock, self.error_type)
+                    found = LocalSeries(labels, self.buckets, self._lock)
                     self._local_series[labels] = found
                 self._series[labels] = found
             # Remember the raw key too, so the next lookup skips the limiters; past the bound

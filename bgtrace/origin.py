@@ -32,8 +32,11 @@ _code_maps: dict[int, tuple[weakref.ref[Any], _CodeMap]] = {}
 _MAX_ROUTES = 4096
 
 
-def detect(route: Any, stop: types.CodeType | None) -> tuple[str, str | None]:
-    """Return ``(origin, dependency name)`` for a task being queued by our caller's callers.
+def detect(
+    route: Any, stop: types.CodeType | None, frame: types.FrameType | None = None
+) -> tuple[str, str | None]:
+    """Return ``(origin, dependency name)`` for a task being queued from ``frame`` (by default
+    our caller's): the first frame up from it that runs the endpoint or a dependency.
 
     The walk stops at ``stop`` (the middleware's own code): past it lies only the server.
     """
@@ -42,7 +45,8 @@ def detect(route: Any, stop: types.CodeType | None) -> tuple[str, str | None]:
         return OTHER, None
     codes = _route_codes(route, dependant)
     overrides = _override_codes(route)
-    frame: types.FrameType | None = sys._getframe(1)
+    if frame is None:
+        frame = sys._getframe(1)
     for _ in range(MAX_FRAMES):
         if frame is None:
             break

@@ -8,7 +8,7 @@ bgtrace's own bookkeeping is logged and never reaches the app or the task.
 from __future__ import annotations
 
 import asyncio
-import threading
+import types
 import weakref
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -20,6 +20,7 @@ from opentelemetry.util.types import AttributeValue
 from starlette import background
 
 from . import logs
+from .accumulators import exemplar
 from .config import Config, default_config
 from .metrics import Series
 from .naming import error_type, task_names
@@ -45,7 +46,6 @@ RECORD_ATTR = "_bgtrace_record"
 STARLETTE_TASK_CALL = background.BackgroundTask.__call__
 
 QUEUED, CLAIMED, RUNNING, DONE, DROPPED = range(5)
-_transitions = threading.Lock()
 
 SUCCESS, FAILURE, CANCELLED = "success", "failure", "cancelled"
 REQUEST_ERROR = "request_error"
@@ -92,33 +92,36 @@ class TaskRecord:
         self.adopted = False
         self.token: object = None
 
-    def _move(self, allowed: tuple[int, ...], to: int) -> bool:
-        # A def task starts and ends in its worker thread while the event loop may drop it
-        # (cancelled waiting for a thread) or end it (cancelled while the thread runs on):
-        # each step happens exactly once, whichever thread gets there first.
-        with _transitions:
-            if self.status not in allowed:
-                return False
-            self.status = to
-            return True
+    # A def task starts and ends in its worker thread while the event loop may drop it
+    # (cancelled waiting for a thread) or end it (cancelled while the thread runs on): each
+    # step happens exactly once, whichever thread gets there first. The step and its metric
+    # updates happen under the series' lock, in one go.
 
     def claim(self) -> bool:
-        """Take the task for running; a task runs instrumented at most once."""
-        return self._move((QUEUED,), CLAIMED)
+        """Take a def task for running in a thread; it runs instrumented at most once."""
+        with self.series.lock:
+            if self.status != QUEUED:
+                return False
+            self.status = CLAIMED
+            return True
 
-    def start(self) -> bool:
-        """Count the start; ``False`` when the task was already dropped or ended."""
-        if not self._move((CLAIMED,), RUNNING):
-            return False
-        self.started_at = now = perf_counter()
-        wait = now - self.enqueued_at
+    def start(self, claimed: bool = True) -> bool:
+        """Count the start (of a claimed task, or straight from the queue); ``False`` when
+        the task was already taken, dropped or ended."""
+        now = perf_counter()
+        series = self.series
         try:
-            self.series.started(wait)
+            with series.lock:
+                if self.status != (CLAIMED if claimed else QUEUED):
+                    return False
+                self.status = RUNNING
+                self.started_at = now
+                series.started(now - self.enqueued_at)
         except Exception:
             logs.internal_error("task start metrics")
         if self.tracing:
             try:
-                self._start_span(wait)
+                self._start_span(now - self.enqueued_at)
             except Exception:
                 logs.internal_error("task span start")
         return True
@@ -157,8 +160,6 @@ class TaskRecord:
     def finish(self, exc: BaseException | None, *, same_thread: bool = True) -> None:
         """Count the end. ``same_thread=False``: ended from another thread than the start
         (whose context cannot be detached from here); a later end is then ignored."""
-        if not self._move((RUNNING,), DONE):
-            return
         elapsed = perf_counter() - self.started_at
         if exc is None:
             outcome, etype = SUCCESS, None
@@ -166,21 +167,30 @@ class TaskRecord:
             outcome, etype = CANCELLED, None
         else:
             outcome, etype = FAILURE, error_type(exc)
-        trace_id = self._end_span(exc, etype, same_thread)
+        span = self.span
+        trace_id = sampled_trace_id(span) if span is not None else None
+        series = self.series
         try:
-            self.series.finished(elapsed, outcome, etype, trace_id)
+            # Made before taking the lock: they log or allocate (see accumulators).
+            label = self.config.metrics.error_type(etype) if etype is not None else None
+            sample = exemplar(trace_id, elapsed) if trace_id is not None else None
+            with series.lock:
+                if self.status != RUNNING:
+                    return
+                self.status = DONE
+                series.finished(elapsed, outcome, label, sample)
         except Exception:
+            if self.status != DONE:
+                return
             logs.internal_error("task end metrics")
+        if span is not None:
+            self._end_span(span, exc, etype, same_thread)
         if etype is not None:
             logs.task_failed(self.name, self.origin, self.route, etype, trace_id or "-")
 
     def _end_span(
-        self, exc: BaseException | None, etype: str | None, same_thread: bool
-    ) -> str | None:
-        """End the span; return its trace id when sampled, for the exemplar and the log."""
-        span = self.span
-        if span is None:
-            return None
+        self, span: trace.Span, exc: BaseException | None, etype: str | None, same_thread: bool
+    ) -> None:
         try:
             if self.token is not None and same_thread:
                 otel_context.detach(self.token)  # type: ignore[arg-type]
@@ -189,43 +199,55 @@ class TaskRecord:
                 record_failure(span, exc, etype)
             if not self.adopted:
                 span.end()  # an adopted span is ended by whoever opened it
-            ctx = span.get_span_context()
-            return format(ctx.trace_id, "032x") if ctx.trace_flags.sampled else None
         except Exception:
             logs.internal_error("task span end")
-            return None
 
     def drop(self, reason: str) -> None:
         """Count a task that will never start. No-op once it started or was dropped."""
-        if not self._move((QUEUED, CLAIMED), DROPPED):
-            return
         try:
-            self.series.dropped(reason)
+            with self.series.lock:
+                if self.status != QUEUED and self.status != CLAIMED:
+                    return
+                self.status = DROPPED
+                self.series.dropped(reason)
         except Exception:
             logs.internal_error("task drop metrics")
 
 
-def track(task: Any) -> None:
-    """Record ``task`` as queued now. Called right after a ``BackgroundTask`` is created."""
+def sampled_trace_id(span: trace.Span) -> str | None:
+    """The span's trace id when it is sampled: for the exemplar and the failure log."""
+    try:
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.trace_flags.sampled else None
+    except Exception:
+        logs.internal_error("task span context")
+        return None
+
+
+def track(task: Any, caller: types.FrameType | None = None) -> None:
+    """Record ``task`` as queued now. Called right after a ``BackgroundTask`` is created;
+    ``caller`` is the frame that created it, where the walk for its origin starts."""
     try:
         if RECORD_ATTR not in task.__dict__:
-            task.__dict__[RECORD_ATTR] = _queued(task, register=True)
+            task.__dict__[RECORD_ATTR] = _queued(task, caller, register=True)
     except Exception:
         logs.internal_error("task queued")
 
 
-def _queued(task: Any, *, register: bool) -> TaskRecord:
+def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> TaskRecord:
     """A new record for ``task``, counted as queued now."""
     state = current.get()
     live = state is not None and not state.closed
-    config = state.config if state is not None else default_config()
-    tracing = state.tracing if live and state is not None else config.tracing()
     name, qualname = task_names(getattr(task, "func", None))
-    route, origin, dependency = NO_ROUTE, OTHER, None
-    if state is not None:
+    if state is not None and live:
+        config, tracing = state.config, state.tracing
         route, route_obj = state.route()
-        if live:
-            origin, dependency = detect(route_obj, state.stop_code)
+        origin, dependency = detect(route_obj, state.stop_code, caller)
+    else:
+        config = state.config if state is not None else default_config()
+        tracing = config.tracing()
+        route = state.route()[0] if state is not None else NO_ROUTE
+        origin, dependency = OTHER, None
     parent = None
     if tracing:
         span = trace.get_current_span()
@@ -245,7 +267,8 @@ def _queued(task: Any, *, register: bool) -> TaskRecord:
         parent,
         tracing,
     )
-    series.queued()
+    with series.lock:
+        series.queued()
     if register:
         if live and state is not None:
             state.records.append(record)
@@ -257,22 +280,19 @@ def _queued(task: Any, *, register: bool) -> TaskRecord:
     return record
 
 
-def _claim_run(task: Any) -> TaskRecord | None:
-    """The record this run of ``task`` is measured with, or ``None`` to run it unmeasured."""
-    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
-    if record is None:
-        return None
-    if record.claim():
-        return record
+def _run_again(task: Any, *, claim: bool) -> TaskRecord | None:
+    """A record for one more run of a ``task`` already run or dropped: a ``BackgroundTask``
+    object shared by many responses. Each run is a task of its own, queued as it starts."""
     try:
-        # The same object run once more (a BackgroundTask shared by many responses): each run
-        # is a task of its own, queued as it starts.
-        again = _queued(task, register=False)
+        record = _queued(task, None, register=False)
     except Exception:
         logs.internal_error("task run again")
         return None
-    again.claim()
-    return again
+    if claim:
+        record.claim()
+    else:
+        record.start(claimed=False)
+    return record
 
 
 async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
@@ -280,35 +300,48 @@ async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
     state = current.get()
     if state is not None:
         state.background_started()
-    record = _claim_run(task)
+    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
     if record is None:
         await call(task)
         return
     if call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True):
-        # A def task run as Starlette runs it, but started inside its worker thread, so that
-        # a saturated threadpool shows as queue wait. The task object itself is not touched:
-        # the same object may be running for another response right now.
-        # Looked up in Starlette's module at each call, as Starlette's own method does.
-        run_in_threadpool = vars(background)["run_in_threadpool"]
-        try:
-            await run_in_threadpool(_ThreadStart(task.func, record), *task.args, **task.kwargs)
-        except BaseException as exc:
-            if record.status == CLAIMED:
-                # Cancelled while waiting for a thread: it never started.
-                record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
-            elif is_cancellation(exc):
-                # Cancelled while its thread runs on (a thread cannot be stopped; at shutdown
-                # the process may die first): its request is over, count it cancelled now.
-                record.finish(exc, same_thread=False)
-            raise
+        if not record.claim():
+            record = _run_again(task, claim=True)
+            if record is None:
+                await call(task)
+                return
+        await _run_in_thread(task, record)
         return
-    record.start()
+    if not record.start(claimed=False):
+        record = _run_again(task, claim=False)
+        if record is None:
+            await call(task)
+            return
     try:
         await call(task)
     except BaseException as exc:
         record.finish(exc)
         raise
     record.finish(None)
+
+
+async def _run_in_thread(task: Any, record: TaskRecord) -> None:
+    """A def task run as Starlette runs it, but started inside its worker thread, so that a
+    saturated threadpool shows as queue wait. The task object itself is not touched: the same
+    object may be running for another response right now."""
+    # Looked up in Starlette's module at each call, as Starlette's own method does.
+    run_in_threadpool = vars(background)["run_in_threadpool"]
+    try:
+        await run_in_threadpool(_ThreadStart(task.func, record), *task.args, **task.kwargs)
+    except BaseException as exc:
+        if record.status == CLAIMED:
+            # Cancelled while waiting for a thread: it never started.
+            record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
+        elif is_cancellation(exc):
+            # Cancelled while its thread runs on (a thread cannot be stopped; at shutdown the
+            # process may die first): its request is over, count it cancelled now.
+            record.finish(exc, same_thread=False)
+        raise
 
 
 class _ThreadStart:
