@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,8 +37,23 @@ class Config:
 
     def tracing(self) -> bool:
         """Whether spans would be recorded: skip all span work while no SDK is configured."""
-        provider = self.tracer_provider or trace.get_tracer_provider()
-        return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        provider: object = self.tracer_provider
+        if provider is None:
+            # The global provider, without get_tracer_provider()'s environment lookup while
+            # none is set (a microsecond per request); the lookup decides when it is unknown.
+            provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+            if provider is None and not _provider_from_environment:
+                return False
+            if provider is None or provider is _UNKNOWN:
+                provider = trace.get_tracer_provider()
+        return not isinstance(provider, _NOT_RECORDING)
+
+
+_UNKNOWN = object()
+_NOT_RECORDING = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+# OpenTelemetry loads a global provider named by this variable on first use; read once, as
+# OpenTelemetry itself reads its configuration at start-up.
+_provider_from_environment = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 _default: Config | None = None

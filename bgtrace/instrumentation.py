@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec
 
 from starlette import background
 
-from .records import STARLETTE_TASK_CALL, run_task, run_tasks, track
+from .records import (
+    CLAIMED,
+    STARLETTE_TASK_CALL,
+    run_in_thread,
+    task_starting,
+    tasks_interrupted,
+    tasks_starting,
+    track,
+)
 
 P = ParamSpec("P")
 
@@ -46,25 +54,47 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
 _OTEL_SAVED_CALL = "_otel_original_call"
 
 
-def _wrap_task_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _wrap_task_call(
+    original: Callable[[Any], Awaitable[None]], always: bool = False
+) -> Callable[[Any], Awaitable[None]]:
+    # One coroutine per task, the wrapper itself: each await layer costs about a microsecond.
     async def __call__(self: Any) -> None:
-        if not _enabled:
+        if not (_enabled or always):
             await original(self)
             return
         # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
         # directly: our span, in the same trace, replaces theirs, so each task has one span.
         saved = background.BackgroundTask.__dict__.get(_OTEL_SAVED_CALL)
-        await run_task(self, saved if saved is _TASK_CALL and original is not saved else original)
+        call = saved if saved is _TASK_CALL and original is not saved else original
+        record = task_starting(self, call)
+        if record is None:
+            await call(self)
+        elif record.status == CLAIMED:
+            await run_in_thread(self, record)
+        else:
+            try:
+                await call(self)
+            except BaseException as exc:
+                record.finish(exc)
+                raise
+            record.finish(None)
 
     return __call__
 
 
-def _wrap_tasks_call(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _wrap_tasks_call(
+    original: Callable[[Any], Awaitable[None]], always: bool = False
+) -> Callable[[Any], Awaitable[None]]:
     async def __call__(self: Any) -> None:
-        if _enabled:
-            await run_tasks(self, original)
-        else:
+        if not (_enabled or always):
             await original(self)
+            return
+        tasks_starting()
+        try:
+            await original(self)
+        except BaseException as exc:
+            tasks_interrupted(self, exc)
+            raise
 
     return __call__
 
@@ -181,9 +211,16 @@ class BackgroundTasks(background.BackgroundTasks):
         self.tasks.append(task)
 
     async def __call__(self) -> None:
-        await run_tasks(self, _run_each)
+        await _run_all(self)
+
+
+# bgtrace's BackgroundTasks measures its tasks whether or not the classes are patched.
+_run_one = _wrap_task_call(_TASK_CALL, always=True)
 
 
 async def _run_each(container: BackgroundTasks) -> None:
     for task in container.tasks:
-        await run_task(task, _TASK_CALL)
+        await _run_one(task)
+
+
+_run_all = _wrap_tasks_call(_run_each, always=True)

@@ -295,37 +295,22 @@ def _run_again(task: Any, *, claim: bool) -> TaskRecord | None:
     return record
 
 
-async def run_task(task: Any, call: Callable[[Any], Awaitable[None]]) -> None:
-    """Run one task through ``call`` (the original ``BackgroundTask.__call__``), measured."""
+def task_starting(task: Any, call: Callable[[Any], Awaitable[None]]) -> TaskRecord | None:
+    """The record of the run of ``task`` about to start through ``call`` (the original
+    ``BackgroundTask.__call__``), or ``None`` to run it unmeasured. The record is started, or
+    only claimed (``CLAIMED``) for a def task that ``run_in_thread`` starts in its thread."""
     state = current.get()
-    if state is not None:
+    if state is not None and not state.background_ran:
         state.background_started()
     record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
     if record is None:
-        await call(task)
-        return
+        return None
     if call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True):
-        if not record.claim():
-            record = _run_again(task, claim=True)
-            if record is None:
-                await call(task)
-                return
-        await _run_in_thread(task, record)
-        return
-    if not record.start(claimed=False):
-        record = _run_again(task, claim=False)
-        if record is None:
-            await call(task)
-            return
-    try:
-        await call(task)
-    except BaseException as exc:
-        record.finish(exc)
-        raise
-    record.finish(None)
+        return record if record.claim() else _run_again(task, claim=True)
+    return record if record.start(claimed=False) else _run_again(task, claim=False)
 
 
-async def _run_in_thread(task: Any, record: TaskRecord) -> None:
+async def run_in_thread(task: Any, record: TaskRecord) -> None:
     """A def task run as Starlette runs it, but started inside its worker thread, so that a
     saturated threadpool shows as queue wait. The task object itself is not touched: the same
     object may be running for another response right now."""
@@ -366,20 +351,20 @@ class _ThreadStart:
         return result
 
 
-async def run_tasks(container: Any, call: Callable[[Any], Awaitable[None]]) -> None:
-    """Run a ``BackgroundTasks`` through ``call``; count the tasks a failure left unstarted."""
+def tasks_starting() -> None:
+    """A ``BackgroundTasks`` starts: the response is over."""
     state = current.get()
-    if state is not None:
+    if state is not None and not state.background_ran:
         state.background_started()
-    try:
-        await call(container)
-    except BaseException as exc:
-        reason = CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED
-        for task in list(getattr(container, "tasks", ())):
-            record = getattr(task, "__dict__", {}).get(RECORD_ATTR)
-            if record is not None:
-                record.drop(reason)
-        raise
+
+
+def tasks_interrupted(container: Any, exc: BaseException) -> None:
+    """A ``BackgroundTasks`` stopped at a failure: count the tasks it left unstarted."""
+    reason = CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED
+    for task in list(getattr(container, "tasks", ())):
+        record = getattr(task, "__dict__", {}).get(RECORD_ATTR)
+        if record is not None:
+            record.drop(reason)
 
 
 def finish_request(state: RequestState, exc: BaseException | None) -> None:

@@ -156,8 +156,7 @@ def test_task_that_cancels_itself(registry: CollectorRegistry, samples: Samples)
 def test_task_return_values_are_untouched() -> None:
     from starlette.background import BackgroundTask
 
-    from bgtrace.instrumentation import _TASK_CALL
-    from bgtrace.records import run_task
+    from bgtrace.instrumentation import _run_one
 
     results: list[Any] = []
 
@@ -167,7 +166,7 @@ def test_task_return_values_are_untouched() -> None:
 
     task = BackgroundTask(returns)
     task.func = functools.partial(lambda f: results.append(f()) or "x", task.func)  # type: ignore[misc]
-    asyncio.run(run_task(task, _TASK_CALL))
+    asyncio.run(_run_one(task))
     assert results == ["ran", "value"]
 
 
