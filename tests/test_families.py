@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics import parser as openmetrics_parser
+
+import bgtrace.metrics
+from bgtrace.accumulators import exemplar
+from bgtrace.metrics import TaskMetrics, render_registry, task_metrics
+from tests.servers import prometheus_tool
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+# Label values a route template or a task name can hold, and that the formats must escape.
+AWKWARD = ("/files/{path:path}", 'app.tasks.say_"hi"', "/back\\slash", "/new\nline", "/ünï")
+
+
+def populate(registry: CollectorRegistry, namespace: str = "") -> TaskMetrics:
+    """Every kind of sample bgtrace exports: counters, gauges left non-zero, histograms with
+    exemplars, failures, drops, and the post-response histogram."""
+    metrics = task_metrics(registry, namespace, buckets=[0.01, 0.1, 1.0])
+    for n, value in enumerate(AWKWARD):
+        series = metrics.series(f"app.tasks.task_{n}", "handler", value)
+        with series.lock:
+            series.queued()
+            series.queued()
+            series.queued()
+            series.started(0.005 * n)
+            series.finished(0.1, "success", None, exemplar(TRACE_ID, 0.1))
+            series.started(0.2)
+            series.finished(2.5, "failure", f"app.errors.Err{n}", None)
+            series.dropped("request_error")
+        other = metrics.series(value, "dependency", "/r")
+        with other.lock:
+            other.queued()  # still queued: gauges at 1
+        metrics.post_response_for(value).observe(0.05 * n)
+    return metrics
+
+
+def test_direct_text_render_is_byte_identical_to_prometheus_client(
+    registry: CollectorRegistry,
+) -> None:
+    populate(registry)
+    direct = render_registry(registry, generate_latest, openmetrics=False)
+    # generate_latest alone reads the collector's prometheus_client families.
+    assert direct == generate_latest(registry)
+    assert 'bgtask_enqueued_total{origin="handler",route="/new\\nline",task=' in direct.decode()
+
+
+def test_direct_openmetrics_render_is_byte_identical_and_carries_exemplars(
+    registry: CollectorRegistry,
+) -> None:
+    populate(registry, namespace="shop")
+    direct = render_registry(registry, openmetrics.generate_latest, openmetrics=True)
+    assert direct == openmetrics.generate_latest(registry)
+    families = openmetrics_parser.text_string_to_metric_families(direct.decode())  # strict
+    duration = next(f for f in families if f.name == "shop_bgtask_duration_seconds")
+    exemplars = [s for s in duration.samples if s.exemplar is not None]
+    assert len(exemplars) == len(AWKWARD)
+    for sample in exemplars:
+        assert sample.labels["le"] == "0.1"
+        assert sample.exemplar is not None and sample.exemplar.value == 0.1
+        assert sample.exemplar.labels == {"trace_id": TRACE_ID}
+
+
+def test_direct_render_builds_no_prometheus_client_families(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The point of the direct writer: thousands of series in milliseconds, not seconds."""
+    populate(registry)
+    expected = generate_latest(registry)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the /metrics path built prometheus_client families")
+
+    monkeypatch.setattr(bgtrace.metrics, "collect", refuse)
+    assert render_registry(registry, generate_latest, openmetrics=False) == expected
+
+
+def test_other_collectors_are_kept_and_openmetrics_ends_once(registry: CollectorRegistry) -> None:
+    populate(registry)
+    Counter("app_orders", "Orders taken.", registry=registry).inc()
+    body = render_registry(registry, openmetrics.generate_latest, openmetrics=True).decode()
+    assert body.endswith("\n# EOF\n") and body.count("# EOF") == 1
+    assert "app_orders_total 1.0" in body
+    assert body.count("# TYPE bgtask_enqueued counter") == 1
+
+
+def test_promtool_accepts_the_text_exposition(registry: CollectorRegistry) -> None:
+    populate(registry)
+    body = render_registry(registry, generate_latest, openmetrics=False)
+    checked = subprocess.run(
+        [prometheus_tool("promtool"), "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=60,
+    )
+    # promtool's lint rules about help text and units are not format errors.
+    errors = [line for line in checked.stderr.decode().splitlines() if "error" in line.lower()]
+    assert errors == [], checked.stderr.decode()
+
+
+def test_counts_read_the_same_through_the_registry(registry: CollectorRegistry) -> None:
+    populate(registry)
+    labels = {"task": "app.tasks.task_1", "origin": "handler", "route": AWKWARD[1]}
+    assert registry.get_sample_value("bgtask_enqueued_total", labels) == 3
+    assert registry.get_sample_value("bgtask_queue_length", labels) == 0
+    assert registry.get_sample_value("bgtask_in_progress", labels) == 0
+    assert (
+        registry.get_sample_value("bgtask_completed_total", {**labels, "outcome": "cancelled"}) == 0
+    )
+    assert (
+        registry.get_sample_value(
+            "bgtask_failures_total", {**labels, "error_type": "app.errors.Err1"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value("bgtask_dropped_total", {**labels, "reason": "request_error"})
+        == 1
+    )
+    assert registry.get_sample_value("bgtask_duration_seconds_count", labels) == 2
+    assert registry.get_sample_value("bgtask_duration_seconds_sum", labels) == 2.6
+    assert (
+        registry.get_sample_value(
+            "bgtask_queue_length", {"task": AWKWARD[1], "origin": "dependency", "route": "/r"}
+        )
+        == 1
+    )
+
+
+def test_names_are_reserved_in_the_registry(registry: CollectorRegistry) -> None:
+    task_metrics(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Counter("bgtask_enqueued", "A clash.", registry=registry)
+
+
+def test_a_namespace_that_makes_no_metric_name_is_a_precise_error(
+    registry: CollectorRegistry,
+) -> None:
+    with pytest.raises(ValueError, match="namespace 'my-app'"):
+        task_metrics(registry, "my-app")
