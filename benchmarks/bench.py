@@ -248,8 +248,10 @@ def targets(data: dict[str, Any], quick: bool) -> list[tuple[str, str, str]]:
             ))  # fmt: skip
     render = data.get("render")
     if render:
-        out.append((f"/metrics render, {render['series']} series, < 50 ms",
-                    f"{render['text_ms']:.0f} ms", verdict(render["text_ms"] < 50)))  # fmt: skip
+        slowest = max(render["text_ms"], render["openmetrics_ms"])
+        measured = f"text {render['text_ms']:.0f} ms, OpenMetrics {render['openmetrics_ms']:.0f} ms"
+        out.append((f"/metrics render, {render['series']} series, < 50 ms (both formats)",
+                    measured, verdict(slowest < 50)))  # fmt: skip
     memory = [m for m in data.get("memory", []) if m["variant"].startswith("bgtrace")]
     if memory:
         growth = max(m["points"][-1]["rss_mib"] - m["points"][0]["rss_mib"] for m in memory)
@@ -387,31 +389,26 @@ def _render_md(r: dict[str, Any], quick: bool) -> list[str]:
     method = (
         f"bgtrace's metrics in a fresh registry with {r['series']:,} live series (50 tasks x 20 "
         "routes x 3 origins, each queued, run and ended once; the duration observed with a "
-        "trace-id exemplar, as with tracing on), plus `post_response` for the 20 routes. "
-        f"Median of {2 if quick else 9} renders, in a child process of its own."
+        "trace-id exemplar, as with tracing on), plus `post_response` for the 20 routes, "
+        "rendered by the function bgtrace's `/metrics` app runs in its worker thread "
+        "(`exposition._render`, single-process mode: bgtrace writes its own families). "
+        f"Median of {r.get('repeats', 9)} renders, in a child process of its own."
     )
     rows = [
         ["samples (text format)", f"{r['samples']:,}"],
-        ["text format (`generate_latest`)",
-         f"{r['text_ms']:.0f} ms, {r['text_bytes'] / 1e6:.1f} MB"],
+        ["text format", f"{r['text_ms']:.1f} ms, {r['text_bytes'] / 1e6:.1f} MB"],
         ["OpenMetrics (what Prometheus asks for)",
-         f"{r['openmetrics_ms']:.0f} ms, {r['openmetrics_bytes'] / 1e6:.1f} MB"],
+         f"{r['openmetrics_ms']:.1f} ms, {r['openmetrics_bytes'] / 1e6:.1f} MB"],
+        ["the same registry through prometheus_client's `generate_latest` (other exporters)",
+         f"{r['generic_ms']:.0f} ms"],
         ["gzip of the text body (level 6)",
          f"{r['gzip_ms']:.0f} ms, {r['gzip_bytes'] / 1e6:.2f} MB"],
         ["RSS of the populated metrics", f"{r['registry_rss_mib']:.1f} MiB"],
-        ["peak RSS growth during one render", f"{r['render_rss_peak_mib']:.1f} MiB"],
-        ["peak Python allocations during one render (tracemalloc)",
+        ["peak RSS growth during one OpenMetrics render", f"{r['render_rss_peak_mib']:.1f} MiB"],
+        ["peak Python allocations during one OpenMetrics render (tracemalloc)",
          f"{r['render_traced_peak_mib']:.1f} MiB"],
     ]  # fmt: skip
     parts = ["## 3. `/metrics` render", "", method, "", results.table(["measure", "value"], rows)]
-    if r.get("families"):
-        families = [[f["family"], f"{f['samples']:,}", _f(f["ms"])] for f in r["families"]]
-        parts += ["", "Each family rendered alone:", ""]
-        parts += [results.table(["family", "samples", "ms"], families)]
-    if r.get("options"):
-        options = [[o["option"], f"{o['samples']:,}", _f(o["ms"], 0)] for o in r["options"]]
-        parts += ["", "What would shrink it (each option measured here, none shipped):", ""]
-        parts += [results.table(["option", "samples", "ms"], options)]
     return [*parts, ""]
 
 

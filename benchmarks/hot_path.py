@@ -24,6 +24,7 @@ import bgtrace.instrumentation
 import bgtrace.metrics
 import bgtrace.middleware
 import bgtrace.records
+from bgtrace.accumulators import LocalSeries
 
 Patch = tuple[Any, str, Any]
 # (name, what it knocks out, the patches for one built variant)
@@ -31,72 +32,20 @@ Plan = tuple[str, str, Callable[[Variant], list[Patch]]]
 
 
 class _Nothing:
-    """Stands in for a metric child: every update does nothing."""
+    """Stands in for a histogram: every observation does nothing."""
 
-    def inc(self, *args: Any, **kwargs: Any) -> None:
+    def observe(self, *args: Any) -> None:
         return None
-
-    dec = observe = inc
-
-    def labels(self, *args: Any) -> _Nothing:
-        return self
 
 
 _NOTHING = _Nothing()
-
-
-_SERIES_FIELDS = ("enqueued", "queue_length", "in_progress", "queue_wait", "duration", "completed")
-
-
-class _PartialSeries:
-    """A real ``TaskSeries`` with some of its metric children silenced."""
-
-    __slots__ = ("_real", "completed", "duration", "enqueued", "in_progress", "labels",
-                 "queue_length", "queue_wait")  # fmt: skip
-
-    def __init__(self, real: Any, silenced: frozenset[str]) -> None:
-        self._real = real
-        self.labels = real.labels
-        for field in _SERIES_FIELDS:
-            value = getattr(real, field)
-            if field in silenced:
-                value = dict.fromkeys(value, _NOTHING) if field == "completed" else _NOTHING
-            setattr(self, field, value)
-
-    def count_failure(self, error_type: str) -> None:
-        self._real.count_failure(error_type)
-
-    def count_drop(self, reason: str) -> None:
-        self._real.count_drop(reason)
-
-
-def _silenced_series(silenced: frozenset[str]) -> Callable[..., _PartialSeries]:
-    original = bgtrace.metrics.TaskMetrics.series
-    cache: dict[Any, _PartialSeries] = {}
-
-    def series(self: Any, task: str, origin: str, route: str) -> _PartialSeries:
-        real = original(self, task, origin, route)
-        found = cache.get(real)
-        if found is None:
-            found = cache[real] = _PartialSeries(real, silenced)
-        return found
-
-    return series
-
-
-async def _run_task(task: Any, call: Callable[[Any], Any]) -> None:
-    await call(task)
-
-
-async def _run_tasks(container: Any, call: Callable[[Any], Any]) -> None:
-    await call(container)
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _handler(route: Any, stop: Any) -> tuple[str, None]:
+def _handler(route: Any, stop: Any, frame: Any = None) -> tuple[str, None]:
     return "handler", None
 
 
@@ -132,12 +81,9 @@ class _EmptyMiddleware:
         await self.app(scope, receive, send)
 
 
-def _silence(*fields: str, post_response: bool = False) -> Callable[[Variant], list[Patch]]:
+def _silence(*methods: str, post_response: bool = False) -> Callable[[Variant], list[Patch]]:
     def patches(variant: Variant) -> list[Patch]:
-        found: list[Patch] = []
-        if fields:
-            series = _silenced_series(frozenset(fields))
-            found.append((bgtrace.metrics.TaskMetrics, "series", series))
+        found: list[Patch] = [(LocalSeries, method, _nothing) for method in methods]
         if post_response:
             assert variant.registry is not None
             metrics = bgtrace.metrics.task_metrics(variant.registry)
@@ -147,7 +93,8 @@ def _silence(*fields: str, post_response: bool = False) -> Callable[[Variant], l
     return patches
 
 
-_ALL_METRICS = "- all prometheus_client updates"
+_SERIES_UPDATES = ("queued", "started", "finished", "dropped")
+_ALL_METRICS = "- all metric updates"
 
 
 def _metrics_knockouts() -> list[Plan]:
@@ -161,19 +108,15 @@ def _metrics_knockouts() -> list[Plan]:
          lambda v: [(rec, "detect", _handler)]),
         ("- task naming", "naming.task_names (label and qualname, cached), per task",
          lambda v: [(rec, "task_names", lambda func: ("app.task", "task"))]),
-        ("- gauge updates", "queue_length and in_progress inc/dec: 4 per task",
-         _silence("queue_length", "in_progress")),
-        ("- histogram observes", "queue_wait and duration: 2 per task",
-         _silence("queue_wait", "duration")),
-        ("- counter updates", "enqueued and completed: 2 per task",
-         _silence("enqueued", "completed")),
+        ("- series updates", "queued, started and finished values of a task's series (under "
+         "the lock the record holds anyway)", _silence(*_SERIES_UPDATES)),
         ("- post_response observe", "post_response_for(route).observe(): 1 per request",
          _silence(post_response=True)),
-        (_ALL_METRICS, "all of the four rows above at once",
-         _silence(*_SERIES_FIELDS, post_response=True)),
+        (_ALL_METRICS, "both rows above at once",
+         _silence(*_SERIES_UPDATES, post_response=True)),
         ("skeleton only", "middleware + class patches; no per-task or end-of-request work",
-         lambda v: [(ins, "track", _nothing), (ins, "run_task", _run_task),
-                    (ins, "run_tasks", _run_tasks), (mw, "finish_request", _nothing)]),
+         lambda v: [(ins, "track", _nothing), (ins, "task_starting", _nothing),
+                    (ins, "tasks_starting", _nothing), (mw, "finish_request", _nothing)]),
     ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import fastapi.background
 from fastapi import BackgroundTasks, Depends, FastAPI
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
@@ -33,6 +34,7 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("starlette-exporter", "starlette-exporter PrometheusMiddleware, /metrics route"),
     ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
     ("fastapi-telemetry", "FastAPI's native telemetry, same SDK set-up"),
+    ("span-floor", "reference: bgtrace's span contract alone, same SDK set-up (see below)"),
 )
 VARIANT_NAMES = tuple(name for name, _ in VARIANTS)
 PATH = "/send-notification/alice@example.com"
@@ -205,6 +207,64 @@ def _fastapi_telemetry(shape: str) -> Variant | None:
     return Variant("fastapi-telemetry", shape, app, provider=provider, exporter=exporter)
 
 
+class _SpanFloor:
+    """The OpenTelemetry SDK work that bgtrace's span contract asks for, and nothing else: a
+    SERVER span (method at start; route and status at the end), one ``bgtask.enqueued`` event
+    per task on it, and per task an INTERNAL child span with bgtrace's attributes, made
+    current while it runs. Done around the request, with no task tracking, labels or
+    metrics: a floor for any implementation of the same spans."""
+
+    def __init__(self, app: Any, provider: TracerProvider) -> None:
+        self.app = app
+        self.tracer = provider.get_tracer("span-floor")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import context, trace
+
+        request = self.tracer.start_span(
+            "POST", context=Context(), kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": "POST"},
+        )  # fmt: skip
+        token = context.attach(trace.set_span_in_context(request))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.detach(token)
+        parent = trace.set_span_in_context(request, Context())
+        for name, origin in (("app.get_query", "dependency"), ("app.send_notification", "handler")):
+            request.add_event(
+                "bgtask.enqueued", {"code.function.name": name, "bgtask.origin": origin}
+            )
+        request.update_name("POST /send-notification/{email}")
+        request.set_attributes({"http.route": "/send-notification/{email}",
+                                "http.response.status_code": 200})  # fmt: skip
+        request.end()
+        for name, origin in (("app.get_query", "dependency"), ("app.send_notification", "handler")):
+            attributes: dict[str, Any] = {
+                "code.function.name": name, "bgtask.origin": origin,
+                "http.route": "/send-notification/{email}", "bgtask.queue.wait_duration": 0.0001,
+            }  # fmt: skip
+            if origin == "dependency":
+                attributes["bgtask.dependency"] = "app.get_query"
+            span = self.tracer.start_span(
+                f"bgtask {name}", context=parent, kind=trace.SpanKind.INTERNAL,
+                attributes=attributes,
+            )  # fmt: skip
+            task_token = context.attach(trace.set_span_in_context(span))
+            context.detach(task_token)
+            span.end()
+
+
+def _span_floor(shape: str) -> Variant:
+    provider, exporter = sdk_tracer_provider()
+    app = tutorial_app(shape)
+    app.add_middleware(_SpanFloor, provider=provider)
+    return Variant("span-floor", shape, app, provider=provider, exporter=exporter)
+
+
 def build(name: str, shape: str) -> Variant | None:
     """One variant of one shape; ``None`` where the installed packages lack the tool."""
     if name == "bare":
@@ -221,6 +281,8 @@ def build(name: str, shape: str) -> Variant | None:
         return _otel_fastapi(shape)
     if name == "fastapi-telemetry":
         return _fastapi_telemetry(shape)
+    if name == "span-floor":
+        return _span_floor(shape)
     raise ValueError(f"unknown variant {name!r}")
 
 
