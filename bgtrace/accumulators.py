@@ -7,9 +7,10 @@ lock and a few integer additions, and ``/metrics`` reads the numbers directly
 values are used instead (``metrics.ClientSeries``): only they add up across processes.
 
 The lock is reentrant: a garbage collection while it is held can run a ``weakref.finalize``
-callback that counts a dropped task, which takes it again. Such a nested update only touches
-``queue_length`` and ``drops``; the one allocation under the lock that can start a collection
-(a series' first exemplar list, in ``finished``) comes after no read of those.
+callback that counts a dropped task, which takes it again. Collections start only where
+something is allocated: at a call (on Python 3.10, frames are allocated) or at a series' first
+exemplar list in ``finished``. At none of these points is an update halfway done, so a nested
+one cannot lose a count.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from bisect import bisect_left
 from time import time
 
 OUTCOMES = ("success", "failure", "cancelled")
-DROP_REASONS = ("request_error", "earlier_task_failed", "cancelled", "not_attached")
 
 # (trace id, observed value, unix time) of the latest traced observation in one bucket.
 Exemplar = tuple[str, float, float]

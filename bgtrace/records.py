@@ -169,19 +169,24 @@ class TaskRecord:
             outcome, etype = FAILURE, error_type(exc)
         span = self.span
         trace_id = sampled_trace_id(span) if span is not None else None
-        series = self.series
+        label = sample = None
         try:
             # Made before taking the lock: they log or allocate (see accumulators).
             label = self.config.metrics.error_type(etype) if etype is not None else None
             sample = exemplar(trace_id, elapsed) if trace_id is not None else None
-            with series.lock:
-                if self.status != RUNNING:
-                    return
-                self.status = DONE
-                series.finished(elapsed, outcome, label, sample)
         except Exception:
-            if self.status != DONE:
+            logs.internal_error("task end labels")
+        series = self.series
+        failed = False
+        with series.lock:
+            if self.status != RUNNING:
                 return
+            self.status = DONE
+            try:
+                series.finished(elapsed, outcome, label, sample)
+            except Exception:
+                failed = True
+        if failed:
             logs.internal_error("task end metrics")
         if span is not None:
             self._end_span(span, exc, etype, same_thread)
