@@ -16,6 +16,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
 from starlette import background
 
@@ -73,7 +74,7 @@ class TaskRecord:
         origin: str,
         dependency: str | None,
         route: str,
-        parent: trace.SpanContext | None,
+        parent: Context | None,
         tracing: bool,
     ) -> None:
         self.config = config
@@ -253,11 +254,13 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         tracing = config.tracing()
         route = state.route()[0] if state is not None else NO_ROUTE
         origin, dependency = OTHER, None
-    parent = None
+    parent: Context | None = None
     if tracing:
-        span = trace.get_current_span()
-        context = span.get_span_context()
-        parent = context if context.is_valid else None
+        current_context = otel_context.get_current()
+        span = trace.get_current_span(current_context)
+        # The context as it is now: its span is the task span's parent in child mode, the
+        # target of its link in link mode. Kept as it is: no span or context made per task.
+        parent = current_context if span.get_span_context().is_valid else None
         if span.is_recording():
             span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
     series = config.metrics.series(name, origin, route)

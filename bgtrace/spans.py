@@ -29,13 +29,14 @@ _KNOWN_METHODS = frozenset(
 )
 
 
-def task_parent(parent: trace.SpanContext | None, mode: str) -> tuple[Context, list[trace.Link]]:
-    """The context to start a task span in, and its links, for ``trace_mode``."""
+def task_parent(parent: Context | None, mode: str) -> tuple[Context, list[trace.Link]]:
+    """The context to start a task span in, and its links, for ``trace_mode``; ``parent`` is
+    the context current when the task was queued, when a span was current then."""
     if parent is None:
         return Context(), []
     if mode == "link":
-        return Context(), [trace.Link(parent)]
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context()), []
+        return Context(), [trace.Link(trace.get_current_span(parent).get_span_context())]
+    return parent, []
 
 
 def foreign_task_span() -> trace.Span | None:
