@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from bgtrace import BackgroundTaskMiddleware
+from bgtrace.accumulators import LocalSeries
 from bgtrace.metrics import TaskMetrics
 from tests import apps
 from tests.conftest import Samples
@@ -158,6 +159,26 @@ def test_internal_bookkeeping_error_never_reaches_app_or_task(
         response = client.post("/send-notification/x?q=1")
     assert response.status_code == 200
     assert len(apps.done) == 2  # both tasks still ran
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("update", ["queued", "started", "finished"])
+def test_failing_value_update_never_reaches_app_or_task(
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    update: str,
+) -> None:
+    # The updates run under the series' lock, inside the task's state change.
+    def broken(*args: object) -> None:
+        raise RuntimeError("bgtrace bug")
+
+    monkeypatch.setattr(LocalSeries, update, broken)
+    client = TestClient(apps.tutorial_app(registry=registry))
+    with caplog.at_level(logging.ERROR, logger="bgtrace"):
+        for _ in range(2):  # the second request: the lock was released
+            assert client.post("/send-notification/x?q=1").status_code == 200
+    assert len(apps.done) == 4
     assert any("internal error" in r.getMessage() for r in caplog.records)
 
 
