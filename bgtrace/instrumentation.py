@@ -57,7 +57,7 @@ _OTEL_SAVED_CALL = "_otel_original_call"
 def _wrap_task_call(
     original: Callable[[Any], Awaitable[None]], always: bool = False
 ) -> Callable[[Any], Awaitable[None]]:
-    # One coroutine per task, the wrapper itself: each await layer costs about a microsecond.
+    # The wrapper does the bookkeeping itself: one coroutine per task, no helper coroutine.
     async def __call__(self: Any) -> None:
         if not (_enabled or always):
             await original(self)
