@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -135,12 +137,13 @@ def profiles(settings: Settings) -> dict[str, Any]:
 # --- child processes: render and memory ----------------------------------------------------
 
 
-def _child(*args: str) -> dict[str, Any]:
+def _child(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", *args],
         capture_output=True,
         text=True,
         timeout=1800,
+        env=None if env is None else {**os.environ, **env},
     )
     if done.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{done.stderr}")
@@ -150,6 +153,18 @@ def _child(*args: str) -> dict[str, Any]:
 
 def render_section(quick: bool) -> dict[str, Any]:
     return _child("render", *(["--quick"] if quick else []))
+
+
+MULTIPROCESS_VARIANTS = ("bare", "bgtrace", "bgtrace+tracing")
+
+
+def multiprocess_section(settings: Settings, quick: bool) -> dict[str, Any]:
+    """Section 1 and 3 again with ``PROMETHEUS_MULTIPROC_DIR`` set, in a child process:
+    prometheus_client picks its file-backed values at import, for the whole process."""
+    with tempfile.TemporaryDirectory() as directory:
+        sizes = (settings.rounds, settings.batch, settings.warmup)
+        return _child("multiprocess", *map(str, sizes), *(["--quick"] if quick else []),
+                      env={"PROMETHEUS_MULTIPROC_DIR": directory})  # fmt: skip
 
 
 def memory_section(settings: Settings) -> list[dict[str, Any]]:
@@ -168,6 +183,22 @@ def run_child(args: list[str]) -> None:
 
         name, shape, checkpoints = rest
         result = memory_growth.measure(name, shape, [int(n) for n in checkpoints.split(",")])
+    elif kind == "multiprocess":
+        import render
+
+        rounds, batch, warmup = (int(n) for n in rest[:3])
+        built = [build(name, "async") for name in MULTIPROCESS_VARIANTS]
+        studied = [v for v in built if v is not None]
+        try:
+            batches = asgi_driver.run(studied, rounds, batch, warmup)
+        finally:
+            for variant in studied:
+                variant.close()
+        rows = asgi_driver.summarise(batches, "async", MULTIPROCESS_VARIANTS)
+        result = {
+            "rows": [asdict(row) for row in rows],
+            "render": render.measure_multiprocess(quick="--quick" in rest),
+        }
     else:
         raise SystemExit(f"unknown child {kind!r}")
     print(json.dumps(result))
@@ -412,6 +443,37 @@ def _render_md(r: dict[str, Any], quick: bool) -> list[str]:
     return [*parts, ""]
 
 
+def _multiprocess_md(m: dict[str, Any]) -> list[str]:
+    method = (
+        "Several worker processes: the in-process benchmark of section 1 (async shape, same "
+        "rounds) in a child process with `PROMETHEUS_MULTIPROC_DIR` set, where bgtrace keeps "
+        "its values in prometheus_client's file-backed metrics (only they add up across "
+        "workers), and the 3,000-series render of section 3 as `/metrics` serves it there "
+        "(`MultiProcessCollector` reading the files of one worker)."
+    )
+    rows = [
+        [r["name"], _f(r["cpu_us"]), _f(r["added_us"]), f"{r['ratio']:.3f} "
+         f"[{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}]"]
+        for r in m["rows"]
+    ]  # fmt: skip
+    r = m["render"]
+    render_rows = [
+        ["text format", f"{r['text_ms']:.0f} ms"],
+        ["OpenMetrics", f"{r['openmetrics_ms']:.0f} ms"],
+        ["files written by the populated set", f"{r['files_mib']:.1f} MiB"],
+    ]
+    return [
+        "## 1b. Multiprocess mode",
+        "",
+        method,
+        "",
+        results.table(["variant", "CPU us/request", "added us", "ratio to bare [IQR]"], rows),
+        "",
+        results.table(["/metrics render, 3,000 series", "value"], render_rows),
+        "",
+    ]
+
+
 def _memory_md(cases: list[dict[str, Any]], s: Settings) -> list[str]:
     a, b = s.memory_checkpoints
     rows = []
@@ -479,6 +541,8 @@ def markdown(data: dict[str, Any], settings: Settings, quick: bool) -> str:
     parts = _head(data, quick)
     if "in_process" in data:
         parts += _in_process_md(data["in_process"], settings)
+    if "multiprocess" in data:
+        parts += _multiprocess_md(data["multiprocess"])
     if "server" in data:
         parts += _server_md(data["server"], settings, data["machine"]["versions"]["uvicorn"])
     if "render" in data:
@@ -495,7 +559,7 @@ def markdown(data: dict[str, Any], settings: Settings, quick: bool) -> str:
 
 # --- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("in-process", "server", "render", "memory", "knockouts", "profile")
+SECTIONS = ("in-process", "multiprocess", "server", "render", "memory", "knockouts", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     if "in-process" in wanted:
         _log("1. in-process, variants interleaved")
         data["in_process"] = in_process(settings)
+    if "multiprocess" in wanted:
+        _log("1b. multiprocess mode")
+        data["multiprocess"] = multiprocess_section(settings, args.quick)
     if "server" in wanted:
         _log("2. real server")
         data["server"] = server_section(settings)

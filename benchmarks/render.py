@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import os
 import statistics
 import time
 import tracemalloc
@@ -117,3 +118,16 @@ def measure(quick: bool) -> dict[str, Any]:
         "render_traced_peak_mib": traced_peak / MIB,
         "repeats": repeats,
     }
+
+
+def measure_multiprocess(quick: bool) -> dict[str, Any]:
+    """The same set as ``measure``, in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set by
+    the parent): values in prometheus_client's files, read back by ``MultiProcessCollector``."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    registry = CollectorRegistry()
+    populate(registry)
+    repeats = 1 if quick else 3
+    text_ms, _ = timed(lambda: _render(registry, "")[0], repeats)
+    om_ms, _ = timed(lambda: _render(registry, OPENMETRICS)[0], repeats)
+    size = sum(entry.stat().st_size for entry in os.scandir(directory))
+    return {"text_ms": text_ms, "openmetrics_ms": om_ms, "files_mib": size / MIB}
