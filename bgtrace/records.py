@@ -115,8 +115,10 @@ class TaskRecord:
             with series.lock:
                 if self.status != (CLAIMED if claimed else QUEUED):
                     return False
-                self.status = RUNNING
+                # The start time first: a finish from another thread reads it once it sees
+                # RUNNING.
                 self.started_at = now
+                self.status = RUNNING
                 series.started(now - self.enqueued_at)
         except Exception:
             logs.internal_error("task start metrics")
