@@ -162,12 +162,20 @@ def test_internal_bookkeeping_error_never_reaches_app_or_task(
     assert any("internal error" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("update", ["queued", "started", "finished"])
+@pytest.mark.parametrize(
+    ("update", "place"),
+    [
+        ("queued", "task queued"),
+        ("started", "task start metrics"),
+        ("finished", "task end metrics"),
+    ],
+)
 def test_failing_value_update_never_reaches_app_or_task(
     registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     update: str,
+    place: str,
 ) -> None:
     # The updates run under the series' lock, inside the task's state change.
     def broken(*args: object) -> None:
@@ -175,11 +183,12 @@ def test_failing_value_update_never_reaches_app_or_task(
 
     monkeypatch.setattr(LocalSeries, update, broken)
     client = TestClient(apps.tutorial_app(registry=registry))
-    with caplog.at_level(logging.ERROR, logger="bgtrace"):
+    # DEBUG: after its first time in the process, a place's error is logged at debug level.
+    with caplog.at_level(logging.DEBUG, logger="bgtrace"):
         for _ in range(2):  # the second request: the lock was released
             assert client.post("/send-notification/x?q=1").status_code == 200
     assert len(apps.done) == 4
-    assert any("internal error" in r.getMessage() for r in caplog.records)
+    assert any(f"internal error in {place}" in r.getMessage() for r in caplog.records)
 
 
 def test_tracer_that_raises_does_not_harm_tasks(registry: CollectorRegistry) -> None:
