@@ -5,7 +5,8 @@
 
 Sections: 1. in-process ASGI driver, CPU per request, variants interleaved; 2. a real server
 (uvicorn + wrk); 3. ``/metrics`` render time and memory; 4. RSS after 10k and 100k requests;
-5. where bgtrace's time goes (knockouts, cProfile). Memory and render run in child processes.
+5. where bgtrace's time goes (knockouts, cProfile); 1b. sections 1 and 3 in multiprocess mode.
+Memory, render and multiprocess mode run in child processes.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def profiles(settings: Settings) -> dict[str, Any]:
     return hot_path.profile(["bgtrace", "bgtrace+tracing"], "async", settings.profile_requests)
 
 
-# --- child processes: render and memory ----------------------------------------------------
+# --- child processes: render, memory, multiprocess mode -------------------------------------------
 
 
 def _child(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -416,7 +417,7 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
     ]
 
 
-def _render_md(r: dict[str, Any], quick: bool) -> list[str]:
+def _render_md(r: dict[str, Any]) -> list[str]:
     method = (
         f"bgtrace's metrics in a fresh registry with {r['series']:,} live series (50 tasks x 20 "
         "routes x 3 origins, each queued, run and ended once; the duration observed with a "
@@ -546,7 +547,7 @@ def markdown(data: dict[str, Any], settings: Settings, quick: bool) -> str:
     if "server" in data:
         parts += _server_md(data["server"], settings, data["machine"]["versions"]["uvicorn"])
     if "render" in data:
-        parts += _render_md(data["render"], quick)
+        parts += _render_md(data["render"])
     if "memory" in data:
         parts += _memory_md(data["memory"], settings)
     if "knockouts" in data:
