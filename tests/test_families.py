@@ -13,8 +13,11 @@ from bgtrace.metrics import TaskMetrics, render_registry, task_metrics
 from tests.servers import prometheus_tool
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-# Label values a route template or a task name can hold, and that the formats must escape.
-AWKWARD = ("/files/{path:path}", 'app.tasks.say_"hi"', "/back\\slash", "/new\nline", "/ünï")
+# Label values a route template or a task name can hold: some the formats must escape, and
+# %-directives that the direct writer's templates must not take for their own.
+AWKWARD = (
+    "/files/{path:path}", 'app.tasks.say_"hi"', "/back\\slash", "/new\nline", "/ünï", "/%d%s%%",
+)  # fmt: skip
 
 
 def populate(registry: CollectorRegistry, namespace: str = "") -> TaskMetrics:
