@@ -102,7 +102,7 @@ def _metrics_knockouts() -> list[Plan]:
     return [
         ("- ensure_instrumented()", "per-request check that the class patch is in place",
          lambda v: [(mw, "ensure_instrumented", _nothing)]),
-        ("- Config.tracing()", "the is-an-SDK-configured check (1 per request + 1 per task)",
+        ("- Config.tracing()", "the is-an-SDK-configured check, once per request",
          lambda v: [(bgtrace.config.Config, "tracing", lambda self: False)]),
         ("- origin frame walk", "origin.detect: code maps and frame walk, per task",
          lambda v: [(rec, "detect", _handler)]),

@@ -1,7 +1,8 @@
-"""``/metrics`` render time and memory with many live series, and what drives them.
+"""``/metrics`` render time and memory with many live series, rendered as bgtrace's
+``/metrics`` app renders them: in one process, and in multiprocess mode.
 
-Runs in a child process of its own (``bench.py --child render``), so that its peak RSS is its
-own and not the in-process benchmark's.
+Runs in a child process of its own (``bench.py --child render`` or ``multiprocess``), so that
+its peak RSS is its own and not the in-process benchmark's.
 """
 
 from __future__ import annotations
