@@ -116,7 +116,7 @@ def _metrics_knockouts() -> list[Plan]:
          _silence(*_SERIES_UPDATES, post_response=True)),
         ("skeleton only", "middleware + class patches; no per-task or end-of-request work",
          lambda v: [(ins, "track", _nothing), (ins, "task_starting", _nothing),
-                    (ins, "tasks_starting", _nothing), (mw, "finish_request", _nothing)]),
+                    (ins, "background_starting", _nothing), (mw, "finish_request", _nothing)]),
     ]  # fmt: skip
 
 

@@ -39,10 +39,15 @@ class LocalHistogram:
         self.exemplars: list[Exemplar | None] | None = None
 
     def observe(self, value: float) -> None:
-        index = bisect_left(self.bounds, value)
         with self.lock:
-            self.counts[index] += 1
-            self.sum += value
+            self.add(value)
+
+    def add(self, value: float) -> int:
+        """Count ``value`` (the caller holds ``lock``); return its bucket's index."""
+        index = bisect_left(self.bounds, value)
+        self.counts[index] += 1
+        self.sum += value
+        return index
 
 
 class LocalSeries:
@@ -84,9 +89,7 @@ class LocalSeries:
         self.queue_length += 1
 
     def started(self, wait: float) -> None:
-        histogram = self.queue_wait
-        histogram.counts[bisect_left(histogram.bounds, wait)] += 1
-        histogram.sum += wait
+        self.queue_wait.add(wait)
         self.queue_length -= 1
         self.in_progress += 1
 
@@ -96,9 +99,7 @@ class LocalSeries:
         """``error_type``: the label value, already bounded; ``exemplar``: made by the caller
         before taking the lock."""
         histogram = self.duration
-        index = bisect_left(histogram.bounds, elapsed)
-        histogram.counts[index] += 1
-        histogram.sum += elapsed
+        index = histogram.add(elapsed)
         self.in_progress -= 1
         self.completed[outcome] += 1
         if error_type is not None:

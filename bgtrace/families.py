@@ -107,6 +107,7 @@ def _families(
         name(FAILURES), FAILURES.help, labels=(*TASK_LABELS, "error_type")
     )
     dropped = CounterMetricFamily(name(DROPPED), DROPPED.help, labels=(*TASK_LABELS, "reason"))
+    les = _les(bounds)  # once per collection, not per series
     for one in series:
         enqueued.add_metric(one.labels, one.enqueued)
         for outcome, count in list(one.completed.items()):
@@ -119,7 +120,7 @@ def _families(
     for family, attr in ((DURATION, "duration"), (QUEUE_WAIT, "queue_wait")):
         histogram = HistogramMetricFamily(name(family), family.help, labels=TASK_LABELS)
         for one in series:
-            _add_histogram(histogram, one.labels, getattr(one, attr), bounds)
+            _add_histogram(histogram, one.labels, getattr(one, attr), les)
         yield histogram
     for family, attr in ((QUEUE_LENGTH, "queue_length"), (IN_PROGRESS, "in_progress")):
         gauge = GaugeMetricFamily(name(family), family.help, labels=TASK_LABELS)
@@ -128,7 +129,7 @@ def _families(
         yield gauge
     post = HistogramMetricFamily(name(POST_RESPONSE), POST_RESPONSE.help, labels=("route",))
     for route, values in post_response.items():
-        _add_histogram(post, (route,), values, bounds)
+        _add_histogram(post, (route,), values, les)
     yield post
 
 
@@ -136,12 +137,12 @@ def _add_histogram(
     family: HistogramMetricFamily,
     labels: tuple[str, ...],
     histogram: LocalHistogram,
-    bounds: tuple[float, ...],
+    les: list[str],
 ) -> None:
     cumulative = list(accumulate(histogram.counts))
     exemplars = histogram.exemplars or [None] * len(cumulative)
     buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
-    for le, count, exemplar in zip(_les(bounds), cumulative, exemplars, strict=True):
+    for le, count, exemplar in zip(les, cumulative, exemplars, strict=True):
         if exemplar is None:
             buckets.append((le, count))
         else:

@@ -17,10 +17,10 @@ from starlette import background
 from .records import (
     CLAIMED,
     STARLETTE_TASK_CALL,
+    background_starting,
     run_in_thread,
     task_starting,
     tasks_interrupted,
-    tasks_starting,
     track,
 )
 
@@ -89,7 +89,7 @@ def _wrap_tasks_call(
         if not (_enabled or always):
             await original(self)
             return
-        tasks_starting()
+        background_starting()
         try:
             await original(self)
         except BaseException as exc:

@@ -309,9 +309,7 @@ def task_starting(task: Any, call: Callable[[Any], Awaitable[None]]) -> TaskReco
     """The record of the run of ``task`` about to start through ``call`` (the original
     ``BackgroundTask.__call__``), or ``None`` to run it unmeasured. The record is started, or
     only claimed (``CLAIMED``) for a def task that ``run_in_thread`` starts in its thread."""
-    state = current.get()
-    if state is not None and not state.background_ran:
-        state.background_started()
+    background_starting()
     record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
     if record is None:
         return None
@@ -361,8 +359,8 @@ class _ThreadStart:
         return result
 
 
-def tasks_starting() -> None:
-    """A ``BackgroundTasks`` starts: the response is over."""
+def background_starting() -> None:
+    """A ``BackgroundTasks`` or a lone ``BackgroundTask`` starts: the response is over."""
     state = current.get()
     if state is not None and not state.background_ran:
         state.background_started()
