@@ -3,8 +3,9 @@
 prometheus_client keeps a lock and a value object per sample and checks every update; a task
 moves through three states and would pay for eight such updates. Here one state change is one
 lock and a few integer additions, and ``/metrics`` reads the numbers directly
-(``families.render``). With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client's file-backed
-values are used instead (``metrics.ClientSeries``): only they add up across processes.
+(``families.render``). With ``PROMETHEUS_MULTIPROC_DIR`` set, the same values are copied into
+prometheus_client's file-backed metrics in batches (``multiprocess.FileValues``): only those
+files add up across processes.
 
 The lock is reentrant: a garbage collection while it is held can run a ``weakref.finalize``
 callback that counts a dropped task, which takes it again. Collections start only where
@@ -28,7 +29,7 @@ Exemplar = tuple[str, float, float]
 class LocalHistogram:
     """Bucket counts (not cumulative), their sum, and the latest exemplar of each bucket."""
 
-    __slots__ = ("bounds", "counts", "exemplars", "lock", "sum")
+    __slots__ = ("bounds", "counts", "dirty", "exemplars", "lock", "sum")
 
     def __init__(self, bounds: tuple[float, ...], lock: threading.RLock) -> None:
         self.bounds = bounds  # upper bounds, ascending, without +Inf
@@ -37,10 +38,14 @@ class LocalHistogram:
         self.sum = 0.0
         # Allocated on the first exemplar (only duration histograms of traced tasks get any).
         self.exemplars: list[Exemplar | None] | None = None
+        # Changed since multiprocess mode last copied it to the files (observe() only: a
+        # series' histograms are flagged on the series).
+        self.dirty = False
 
     def observe(self, value: float) -> None:
         with self.lock:
             self.add(value)
+            self.dirty = True
 
     def add(self, value: float) -> int:
         """Count ``value`` (the caller holds ``lock``); return its bucket's index."""
@@ -58,8 +63,8 @@ class LocalSeries:
     """
 
     __slots__ = (
-        "completed", "drops", "duration", "enqueued", "failures", "head", "in_progress",
-        "labels", "lock", "queue_length", "queue_wait", "tail", "text",
+        "completed", "dirty", "drops", "duration", "enqueued", "failures", "head",
+        "in_progress", "labels", "lock", "queue_length", "queue_wait", "tail", "text",
     )  # fmt: skip
 
     def __init__(
@@ -83,15 +88,19 @@ class LocalSeries:
         self.drops: dict[str, int] = {}
         self.queue_wait = LocalHistogram(bounds, lock)
         self.duration = LocalHistogram(bounds, lock)
+        # Changed since multiprocess mode last copied it to the files.
+        self.dirty = False
 
     def queued(self) -> None:
         self.enqueued += 1
         self.queue_length += 1
+        self.dirty = True
 
     def started(self, wait: float) -> None:
         self.queue_wait.add(wait)
         self.queue_length -= 1
         self.in_progress += 1
+        self.dirty = True
 
     def finished(
         self, elapsed: float, outcome: str, error_type: str | None, exemplar: Exemplar | None
@@ -102,6 +111,7 @@ class LocalSeries:
         index = histogram.add(elapsed)
         self.in_progress -= 1
         self.completed[outcome] += 1
+        self.dirty = True
         if error_type is not None:
             self.failures[error_type] = self.failures.get(error_type, 0) + 1
         if exemplar is not None:
@@ -114,6 +124,7 @@ class LocalSeries:
     def dropped(self, reason: str) -> None:
         self.queue_length -= 1
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.dirty = True
 
 
 def exemplar(trace_id: str, value: float) -> Exemplar:

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs
 from .metrics import render_registry
-from .multiprocess import multiprocess_mode
+from .multiprocess import flush_all, multiprocess_mode
 
 TOKEN_ENV = "BGTRACE_METRICS_TOKEN"
 
@@ -40,6 +40,8 @@ def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     encoder, content_type = choose_encoder(accept)
     if multiprocess_mode():
         # Every worker writes its own files; a fresh registry per scrape reads them all.
+        # This worker's are brought up to date first (the others' are at most a second old).
+        flush_all()
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return encoder(registry), content_type

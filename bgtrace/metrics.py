@@ -1,8 +1,9 @@
 """The Prometheus metrics bgtrace exports, one set per (registry, namespace).
 
-In a single process the values are bgtrace's own (``accumulators``), exposed through a
-collector registered in the registry; in multiprocess mode they are prometheus_client metrics,
-whose per-process files ``MultiProcessCollector`` adds up.
+The values are bgtrace's own (``accumulators``) in every mode. In a single process they are
+exposed through a collector registered in the registry; in multiprocess mode they are copied
+into prometheus_client metrics (``multiprocess.FileValues``), whose per-process files
+``MultiProcessCollector`` adds up.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from .accumulators import OUTCOMES, Exemplar, LocalHistogram, LocalSeries
+from .accumulators import LocalHistogram, LocalSeries
 from .families import (
     COMPLETED,
     DROPPED,
@@ -27,15 +28,13 @@ from .families import (
     POST_RESPONSE,
     QUEUE_LENGTH,
     QUEUE_WAIT,
-    TASK_LABELS,
-    Family,
     LocalValues,
     collect,
     describe,
     full_name,
     render,
 )  # fmt: skip
-from .multiprocess import multiprocess_mode
+from .multiprocess import FileValues, ensure_flusher, multiprocess_mode, publish, unpublish
 
 logger = logging.getLogger("bgtrace")
 
@@ -84,98 +83,6 @@ class LabelLimiter:
         return OTHER
 
 
-class ClientSeries:
-    """One (task, origin, route) in prometheus_client's values: used in multiprocess mode,
-    where only its per-process files add up across workers."""
-
-    __slots__ = (
-        "_metrics", "completed", "duration", "enqueued", "in_progress", "labels", "lock",
-        "queue_length", "queue_wait",
-    )  # fmt: skip
-
-    def __init__(
-        self, metrics: _ClientMetrics, labels: tuple[str, str, str], lock: threading.RLock
-    ) -> None:
-        self._metrics = metrics
-        self.labels = labels
-        # Held by the caller of the update methods, as for LocalSeries.
-        self.lock = lock
-        self.enqueued = metrics.enqueued.labels(*labels)
-        self.queue_length = metrics.queue_length.labels(*labels)
-        self.in_progress = metrics.in_progress.labels(*labels)
-        self.queue_wait = metrics.queue_wait.labels(*labels)
-        self.duration = metrics.duration.labels(*labels)
-        # Created up front at zero, as in the single-process values.
-        self.completed = {o: metrics.completed.labels(*labels, o) for o in OUTCOMES}
-
-    def queued(self) -> None:
-        self.enqueued.inc()
-        self.queue_length.inc()
-
-    def started(self, wait: float) -> None:
-        self.queue_length.dec()
-        self.in_progress.inc()
-        self.queue_wait.observe(wait)
-
-    def finished(
-        self, elapsed: float, outcome: str, error_type: str | None, exemplar: Exemplar | None
-    ) -> None:
-        self.in_progress.dec()
-        self.duration.observe(elapsed)  # no exemplars in multiprocess mode
-        self.completed[outcome].inc()
-        if error_type is not None:
-            self._metrics.failures.labels(*self.labels, error_type).inc()
-
-    def dropped(self, reason: str) -> None:
-        self.queue_length.dec()
-        self._metrics.dropped.labels(*self.labels, reason).inc()
-
-
-class _ClientMetrics:
-    """bgtrace's families as prometheus_client metrics, registered in one registry."""
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        namespace: str,
-        buckets: tuple[float, ...],
-    ) -> None:
-        self.registry = registry
-
-        def name(family: Family) -> str:
-            return full_name(namespace, family)
-
-        def counter(family: Family, *extra: str) -> Counter:
-            return Counter(name(family), family.help, (*TASK_LABELS, *extra), registry=registry)
-
-        def histogram(family: Family, labels: tuple[str, ...] = TASK_LABELS) -> Histogram:
-            return Histogram(name(family), family.help, labels, buckets=buckets, registry=registry)
-
-        def gauge(family: Family) -> Gauge:
-            # livesum: with several worker processes the gauge is the sum over live workers.
-            return Gauge(
-                name(family), family.help, TASK_LABELS, multiprocess_mode="livesum",
-                registry=registry,
-            )  # fmt: skip
-
-        self.enqueued = counter(ENQUEUED)
-        self.completed = counter(COMPLETED, "outcome")
-        self.failures = counter(FAILURES, "error_type")
-        self.dropped = counter(DROPPED, "reason")
-        self.duration = histogram(DURATION)
-        self.queue_wait = histogram(QUEUE_WAIT)
-        self.queue_length = gauge(QUEUE_LENGTH)
-        self.in_progress = gauge(IN_PROGRESS)
-        self.post_response = histogram(POST_RESPONSE, ("route",))
-
-    def unregister(self) -> None:
-        for metric in (
-            self.enqueued, self.completed, self.failures, self.dropped, self.duration,
-            self.queue_wait, self.queue_length, self.in_progress, self.post_response,
-        ):  # fmt: skip
-            self.registry.unregister(metric)
-
-
 class _LocalCollector:
     """Registers bgtrace's local values with a registry (prometheus_client's Collector)."""
 
@@ -195,7 +102,7 @@ class _LocalCollector:
 _rendering = threading.local()
 
 
-Series = LocalSeries | ClientSeries
+Series = LocalSeries
 
 
 class TaskMetrics:
@@ -217,32 +124,54 @@ class TaskMetrics:
         self.task = LabelLimiter("task", max_label_values)
         self.route = LabelLimiter("route", max_label_values)
         self.error_type = LabelLimiter("error_type", max_label_values)
+        # Lookup keys (raw and limited) to series, and the series themselves by label set.
         self._series: dict[tuple[str, str, str], Series] = {}
         self._local_series: dict[tuple[str, str, str], LocalSeries] = {}
-        self._post_response: dict[str, Any] = {}
+        self._post_response: dict[str, LocalHistogram] = {}
         self._local_post_response: dict[str, LocalHistogram] = {}
         # Reentrant: see accumulators.
         self._lock = threading.RLock()
-        self._client: _ClientMetrics | None = None
+        self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
         for family in ALL_FAMILIES:
             full_name(namespace, family)  # a bad namespace fails here, before registering
         if multiprocess_mode():
-            self._client = _ClientMetrics(registry, namespace, buckets)
+            self._files = FileValues(registry, namespace, buckets)
+            publish(self)
         else:
             self._collector = _LocalCollector(self)
             registry.register(self._collector)
 
     @property
     def local(self) -> bool:
-        """Whether the values live here (single process) rather than in prometheus_client."""
-        return self._client is None
+        """Whether this process's values are all there is (no multiprocess files)."""
+        return self._files is None
 
     def unregister(self) -> None:
-        if self._client is not None:
-            self._client.unregister()
+        if self._files is not None:
+            unpublish(self)
+            self._files.unregister()
         if self._collector is not None:
             self.registry.unregister(self._collector)
+
+    def flush(self) -> None:
+        """Multiprocess mode: copy what changed to prometheus_client's files."""
+        if self._files is not None:
+            self._files.flush(
+                list(self._local_series.values()), dict(self._local_post_response), self._lock
+            )
+
+    def forget_values(self) -> None:
+        """Multiprocess mode, in a forked child: start from zero (see multiprocess). The
+        child has one thread; a lock some other thread of the parent held stays held in the
+        child for ever, so it gets a new one."""
+        self._lock = threading.RLock()
+        self._series = {}
+        self._local_series = {}
+        self._post_response = {}
+        self._local_post_response = {}
+        if self._files is not None:
+            self._files.forget_written()
 
     def values(self) -> LocalValues:
         return LocalValues(
@@ -255,21 +184,20 @@ class TaskMetrics:
     def render(self, openmetrics: bool) -> list[str]:
         return render(self.values(), openmetrics)
 
-    def post_response_for(self, route: str) -> Any:
+    def post_response_for(self, route: str) -> LocalHistogram:
         """The ``bgtask_post_response_seconds`` histogram for ``route``, looked up once."""
         found = self._post_response.get(route)
         if found is None:
             label = self.route(route)
             with self._lock:
-                if self._client is not None:
-                    found = self._client.post_response.labels(label)
-                else:
-                    found = self._local_post_response.get(label)
-                    if found is None:
-                        found = LocalHistogram(self.buckets, self._lock)
-                        self._local_post_response[label] = found
+                found = self._local_post_response.get(label)
+                if found is None:
+                    found = LocalHistogram(self.buckets, self._lock)
+                    self._local_post_response[label] = found
                 if len(self._post_response) < _MAX_SERIES_KEYS:
                     self._post_response[route] = found
+            if self._files is not None:
+                ensure_flusher()
         return found
 
     def series(self, task: str, origin: str, route: str) -> Series:
@@ -281,16 +209,16 @@ class TaskMetrics:
         with self._lock:
             found = self._series.get(labels)
             if found is None:
-                if self._client is not None:
-                    found = ClientSeries(self._client, labels, self._lock)
-                else:
-                    found = LocalSeries(labels, self.buckets, self._lock)
-                    self._local_series[labels] = found
+                found = LocalSeries(labels, self.buckets, self._lock)
+                self._local_series[labels] = found
                 self._series[labels] = found
             # Remember the raw key too, so the next lookup skips the limiters; past the bound
             # (one-off callables made at run time), lookups just take the slower path.
             if len(self._series) < _MAX_SERIES_KEYS:
                 self._series[key] = found
+        if self._files is not None:
+            # Values exist now: this process writes them (a forked child starts its thread).
+            ensure_flusher()
         return found
 
 

@@ -1,18 +1,50 @@
 """prometheus_client's multiprocess mode, as bgtrace sees it: per-process files under
-``PROMETHEUS_MULTIPROC_DIR``, added up at each scrape."""
+``PROMETHEUS_MULTIPROC_DIR``, added up at each scrape.
+
+A task updates bgtrace's own values (``accumulators``) in every mode: a prometheus_client value
+in this mode is a locked write to a memory-mapped file, and a task would make eight of them.
+``FileValues`` copies what changed into prometheus_client's metrics in batches: once a second
+from a thread of bgtrace's own, before this process answers a scrape, and when it ends. The
+files keep prometheus_client's format, so its ``MultiProcessCollector`` (in bgtrace's
+``/metrics`` or anyone else's) adds bgtrace's metrics up with the rest.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
 import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
 from . import logs
+from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
+from .families import (
+    COMPLETED,
+    DROPPED,
+    DURATION,
+    ENQUEUED,
+    FAILURES,
+    IN_PROGRESS,
+    POST_RESPONSE,
+    QUEUE_LENGTH,
+    QUEUE_WAIT,
+    TASK_LABELS,
+    Family,
+    full_name,
+)  # fmt: skip
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _MULTIPROC_ENVS = (MULTIPROC_ENV, "prometheus_multiproc_dir")  # the old name still counts
+
+# How often the values of every worker reach the files: a scrape sees other workers' values
+# at most this old (its own are copied first). Prometheus scrapes every 15 s or more.
+FLUSH_INTERVAL = 1.0
 
 
 _exit_hook_lock = threading.Lock()
@@ -40,8 +72,248 @@ def check_multiprocess_dir() -> None:
         )
 
 
+# --- bgtrace's values in prometheus_client's files -----------------------------------------
+
+# What was last written for one series: (enqueued, queue_length, in_progress, completed by
+# outcome, failures by error type, drops by reason, queue wait (bucket counts, sum),
+# duration (bucket counts, sum)).
+_Histogram = tuple[tuple[int, ...], float]
+_Written = tuple[
+    int, int, int, tuple[int, ...], dict[str, int], dict[str, int], _Histogram, _Histogram
+]
+
+
+def _histogram(histogram: LocalHistogram) -> _Histogram:
+    return tuple(histogram.counts), histogram.sum
+
+
+def _read(series: LocalSeries) -> _Written:
+    """The series' values now (the caller holds its lock)."""
+    return (
+        series.enqueued,
+        series.queue_length,
+        series.in_progress,
+        tuple(series.completed.values()),
+        dict(series.failures),
+        dict(series.drops),
+        _histogram(series.queue_wait),
+        _histogram(series.duration),
+    )
+
+
+class _Children:
+    """The prometheus_client children of one (task, origin, route), looked up once."""
+
+    __slots__ = ("completed", "duration", "enqueued", "in_progress", "queue_length", "queue_wait")
+
+    def __init__(self, values: FileValues, labels: tuple[str, str, str]) -> None:
+        self.enqueued = values.enqueued.labels(*labels)
+        self.completed = [values.completed.labels(*labels, o) for o in OUTCOMES]
+        self.queue_length = values.queue_length.labels(*labels)
+        self.in_progress = values.in_progress.labels(*labels)
+        self.queue_wait = values.queue_wait.labels(*labels)
+        self.duration = values.duration.labels(*labels)
+
+
+class FileValues:
+    """bgtrace's families as prometheus_client metrics, registered in one registry, and the
+    copy of bgtrace's own values into them: each flush adds what changed since the last."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]):
+        self.registry = registry
+
+        def name(family: Family) -> str:
+            return full_name(namespace, family)
+
+        def counter(family: Family, *extra: str) -> Counter:
+            return Counter(name(family), family.help, (*TASK_LABELS, *extra), registry=registry)
+
+        def histogram(family: Family, labels: tuple[str, ...] = TASK_LABELS) -> Histogram:
+            return Histogram(name(family), family.help, labels, buckets=buckets, registry=registry)
+
+        def gauge(family: Family) -> Gauge:
+            # livesum: with several worker processes the gauge is the sum over live workers.
+            return Gauge(
+                name(family), family.help, TASK_LABELS, multiprocess_mode="livesum",
+                registry=registry,
+            )  # fmt: skip
+
+        self.enqueued = counter(ENQUEUED)
+        self.completed = counter(COMPLETED, "outcome")
+        self.failures = counter(FAILURES, "error_type")
+        self.dropped = counter(DROPPED, "reason")
+        self.duration = histogram(DURATION)
+        self.queue_wait = histogram(QUEUE_WAIT)
+        self.queue_length = gauge(QUEUE_LENGTH)
+        self.in_progress = gauge(IN_PROGRESS)
+        self.post_response = histogram(POST_RESPONSE, ("route",))
+        empty: _Histogram = ((0,) * (len(buckets) + 1), 0.0)
+        self._nothing: _Written = (0, 0, 0, (0,) * len(OUTCOMES), {}, {}, empty, empty)
+        # One flush at a time: each adds the difference to what the previous one wrote.
+        self._flush_lock = threading.Lock()
+        self._written: dict[tuple[str, str, str], _Written] = {}
+        self._written_post: dict[str, _Histogram] = {}
+        self._children: dict[tuple[str, str, str], _Children] = {}
+        self._post_children: dict[str, Any] = {}
+
+    def unregister(self) -> None:
+        for metric in (
+            self.enqueued, self.completed, self.failures, self.dropped, self.duration,
+            self.queue_wait, self.queue_length, self.in_progress, self.post_response,
+        ):  # fmt: skip
+            self.registry.unregister(metric)
+
+    def forget_written(self) -> None:
+        """In a forked child: its files are new, and so are its values."""
+        self._flush_lock = threading.Lock()  # perhaps held by the parent's flush thread
+        self._written.clear()
+        self._written_post.clear()
+
+    def flush(
+        self,
+        series: Iterable[LocalSeries],
+        post_response: Mapping[str, LocalHistogram],
+        lock: threading.RLock,
+    ) -> None:
+        """Write what changed in ``series`` and ``post_response`` since the last flush."""
+        with self._flush_lock:
+            # Read and mark clean together, under the lock the updates take: an update made
+            # after the read flags its series again for the next flush.
+            with lock:
+                changed = []
+                for one in series:
+                    if one.dirty:
+                        one.dirty = False
+                        changed.append((one.labels, _read(one)))
+                posts = []
+                for route, histogram in post_response.items():
+                    if histogram.dirty:
+                        histogram.dirty = False
+                        posts.append((route, _histogram(histogram)))
+            # The file writes outside it: tasks never wait for the disk.
+            for labels, now in changed:
+                self._write(labels, now)
+                self._written[labels] = now
+            for route, now_post in posts:
+                child = self._post_children.get(route)
+                if child is None:
+                    child = self._post_children[route] = self.post_response.labels(route)
+                _add(child, now_post, self._written_post.get(route, self._nothing[6]))
+                self._written_post[route] = now_post
+
+    def _write(self, labels: tuple[str, str, str], now: _Written) -> None:
+        before = self._written.get(labels, self._nothing)
+        children = self._children.get(labels)
+        if children is None:
+            # Made at the first flush of the series: every value of it exists from then on.
+            children = self._children[labels] = _Children(self, labels)
+        if now[0] != before[0]:
+            children.enqueued.inc(now[0] - before[0])
+        if now[1] != before[1]:
+            children.queue_length.set(now[1])
+        if now[2] != before[2]:
+            children.in_progress.set(now[2])
+        for child, count, was in zip(children.completed, now[3], before[3], strict=True):
+            if count != was:
+                child.inc(count - was)
+        for metric, counts, was_counts in ((self.failures, now[4], before[4]),
+                                           (self.dropped, now[5], before[5])):  # fmt: skip
+            for value, count in counts.items():
+                was = was_counts.get(value, 0)
+                if count != was:
+                    metric.labels(*labels, value).inc(count - was)
+        _add(children.queue_wait, now[6], before[6])
+        _add(children.duration, now[7], before[7])
+
+
+def _add(child: Any, now: _Histogram, before: _Histogram) -> None:
+    """Add the difference of two readings of a histogram to a prometheus_client one.
+
+    Its public ``observe()`` takes one value at a time; a batch goes to the bucket values
+    themselves (``_buckets`` holds the counts per bucket, not cumulative, ``+Inf`` last, and
+    ``_sum`` the sum: the layout of every prometheus_client release bgtrace supports)."""
+    counts, total = now
+    for value, count, was in zip(child._buckets, counts, before[0], strict=True):
+        if count != was:
+            value.inc(count - was)
+    if total != before[1]:
+        child._sum.inc(total - before[1])
+
+
+# --- when the values reach the files -------------------------------------------------------
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+    def forget_values(self) -> None: ...
+
+
+# Every metrics set of this process whose values go to the files.
+_flushed: weakref.WeakSet[Flushable] = weakref.WeakSet()
+_flusher_lock = threading.Lock()
+_flusher_pid = 0
+
+
+def publish(target: Flushable) -> None:
+    """Copy ``target``'s values to the files from now on."""
+    _flushed.add(target)
+
+
+def unpublish(target: Flushable) -> None:
+    _flushed.discard(target)
+
+
+def ensure_flusher() -> None:
+    """Start this process's flush thread, once per process (a forked child starts its own)."""
+    global _flusher_pid
+    pid = os.getpid()
+    if _flusher_pid == pid:
+        return
+    with _flusher_lock:
+        if _flusher_pid == pid:
+            return
+        _flusher_pid = pid
+        # A daemon: it ends with its process, whose last values the exit hooks write.
+        threading.Thread(target=_flush_periodically, name="bgtrace-flush", daemon=True).start()
+
+
+def _flush_periodically() -> None:
+    while True:
+        time.sleep(FLUSH_INTERVAL)
+        flush_all()
+
+
+def flush_all() -> None:
+    """Copy every metrics set's changes of this process to its files now."""
+    for target in list(_flushed):
+        try:
+            target.flush()
+        except Exception:
+            logs.internal_error("multiprocess flush")
+
+
+def _after_fork_in_child() -> None:
+    # A forked worker inherits its parent's values in memory; they are the parent's to
+    # write. The child counts from zero, in files of its own pid (as prometheus_client does).
+    global _flusher_lock
+    _flusher_lock = threading.Lock()
+    for target in list(_flushed):
+        try:
+            target.forget_values()
+        except Exception:
+            logs.internal_error("multiprocess fork")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- the end of a worker -------------------------------------------------------------------
+
+
 def forget_process_at_exit() -> None:
-    """In multiprocess mode, drop this process's live-sum gauges when it exits.
+    """In multiprocess mode, write this process's last values and drop its live-sum gauges
+    when it exits.
 
     Counters and histograms of a dead worker stay in the sum (they are totals); its gauges
     would otherwise report tasks queued or running forever.
@@ -52,17 +324,14 @@ def forget_process_at_exit() -> None:
     with _exit_hook_lock:
         if not _exit_hook_registered:
             _exit_hook_registered = True
-            atexit.register(_forget_process, os.getpid())
-
-
-def _forget_process(pid: int) -> None:
-    if os.getpid() != pid:
-        return  # a forked child inherited the hook; it is not the process that registered
-    forget_process()
+            # A forked worker inherits the hook, and runs it for itself: its own values,
+            # its own pid's gauge files.
+            atexit.register(forget_process)
 
 
 def forget_process() -> None:
-    """Remove this process's live-sum gauge files from the multiprocess directory."""
+    """This process is ending: write its last values, then remove its live-sum gauge files."""
+    flush_all()
     try:
         mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
     except Exception:

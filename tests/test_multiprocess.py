@@ -1,0 +1,126 @@
+"""Multiprocess mode: bgtrace's own values reach prometheus_client's metrics in batches.
+
+prometheus_client chooses file-backed values when it is imported, so in this process its
+metrics stay in memory even with ``PROMETHEUS_MULTIPROC_DIR`` set; what bgtrace copies into
+them is the same either way. Real files and worker processes: tests/test_server.py,
+tests/test_faults_server.py and tests/test_e2e_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.exposition import generate_latest
+
+from bgtrace.accumulators import exemplar
+from bgtrace.metrics import TaskMetrics, task_metrics
+from bgtrace.multiprocess import MULTIPROC_ENV, flush_all
+from tests.servers import wait_for
+
+LABELS = {"task": "app.send", "origin": "handler", "route": "/send"}
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def multiprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+
+
+def some_tasks(metrics: TaskMetrics, rounds: int = 1) -> None:
+    """Every kind of update: queued, started, finished three ways, dropped, post_response."""
+    for _ in range(rounds):
+        series = metrics.series("app.send", "handler", "/send")
+        other = metrics.series("app.audit", "dependency", "/send")
+        with series.lock:
+            for _ in range(5):
+                series.queued()
+            series.started(0.003)
+            series.started(0.7)
+            series.started(42.0)
+            series.finished(0.02, "success", None, exemplar("ab" * 16, 0.02))
+            series.finished(1.5, "failure", "app.MailError", None)
+            series.dropped("request_error")
+            other.queued()
+        metrics.post_response_for("/send").observe(0.4)
+
+
+def samples(registry: CollectorRegistry) -> Samples:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.name.endswith("_created")  # prometheus_client's own metrics have these
+    }
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_values_reach_prometheus_client_in_batches_equal_to_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0, 10.0), 200)
+    assert not metrics.local
+    some_tasks(metrics)
+    # Not written per update: a task's updates cost no prometheus_client values.
+    assert registry.get_sample_value("bgtask_enqueued_total", LABELS) is None
+
+    metrics.flush()
+    monkeypatch.delenv(MULTIPROC_ENV)
+    expected_registry = CollectorRegistry()
+    expected = TaskMetrics(expected_registry, "", (0.01, 1.0, 10.0), 200)
+    some_tasks(expected)
+    assert samples(registry) == samples(expected_registry)
+    assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+    assert registry.get_sample_value("bgtask_queue_length", LABELS) == 1
+    assert registry.get_sample_value("bgtask_in_progress", LABELS) == 1
+
+    # Each flush adds what changed since the last one; nothing changed, nothing is added.
+    some_tasks(metrics, rounds=2)
+    metrics.flush()
+    metrics.flush()
+    some_tasks(expected, rounds=2)
+    assert samples(registry) == samples(expected_registry)
+    assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 15
+    failures = dict(LABELS, error_type="app.MailError")
+    assert registry.get_sample_value("bgtask_failures_total", failures) == 3
+    wait = registry.get_sample_value("bgtask_queue_wait_seconds_bucket", dict(LABELS, le="1.0"))
+    assert wait == 6
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_a_thread_writes_the_values_within_a_second() -> None:
+    registry = CollectorRegistry()
+    metrics = task_metrics(registry)
+    some_tasks(metrics)
+
+    def written() -> bool:
+        return registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+
+    wait_for(written, timeout=5, what="the flush thread")
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_a_forked_child_does_not_write_its_parents_values() -> None:
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    some_tasks(metrics)  # not flushed yet: these are the parent's to write
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit code only, never return into pytest
+        try:
+            flush_all()
+            some_tasks(metrics)
+            metrics.flush()
+            # Its own tasks, once; none of the parent's.
+            ok = registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    metrics.flush()
+    assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
