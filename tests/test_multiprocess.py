@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bgtrace.accumulators import exemplar
 from bgtrace.metrics import TaskMetrics, task_metrics
