@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import fastapi.background
 from fastapi import BackgroundTasks, Depends, FastAPI
@@ -35,6 +39,11 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
     ("fastapi-telemetry", "FastAPI's native telemetry, same SDK set-up"),
     ("span-floor", "reference: bgtrace's span contract alone, same SDK set-up (see below)"),
+    (
+        "count-floor",
+        "reference: a middleware that only counts and times tasks per task, "
+        "route and caller (no origin walk, drop reasons, post-response time)",
+    ),
 )
 VARIANT_NAMES = tuple(name for name, _ in VARIANTS)
 PATH = "/send-notification/alice@example.com"
@@ -258,6 +267,92 @@ class _SpanFloor:
             span.end()
 
 
+class _CountFloor:
+    """The least a tool that counts tasks per (task, route, caller) must do, and nothing else:
+    a pure ASGI middleware (a request state in a context variable, a send wrapper that sees
+    the response end) and two class patches (``BackgroundTask.__init__``: a timestamp, the
+    key and one counter under a lock; ``__call__``: two more counters and the wait and run
+    times). No origin walk through the dependency tree, label bounds, drop reasons, def tasks
+    started in their thread, post-response time, error types or exception safety: a floor
+    for any implementation of bgtrace's metrics, far from all of them."""
+
+    state: ContextVar[list[Any] | None] = ContextVar("count_floor", default=None)
+    counts: ClassVar[dict[tuple[str, str, str], list[float]]] = {}
+    lock = threading.Lock()
+    init, call = background.BackgroundTask.__init__, background.BackgroundTask.__call__
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state: list[Any] = [scope, None]
+
+        async def send_wrapper(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                state[1] = time.perf_counter()
+
+        token = self.state.set(state)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.state.reset(token)
+
+    @staticmethod
+    def patched_init(task: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        _CountFloor.init(task, func, *args, **kwargs)
+        state = _CountFloor.state.get()
+        if state is None:
+            return
+        route = state[0].get("route")
+        caller = sys._getframe(2).f_code.co_name  # add_task's caller
+        key = (getattr(func, "__qualname__", "?"), getattr(route, "path", ""), caller)
+        task.__dict__["_floor"] = (time.perf_counter(), key)
+        with _CountFloor.lock:
+            found = _CountFloor.counts.get(key)
+            if found is None:
+                found = _CountFloor.counts[key] = [0, 0, 0, 0.0, 0.0]
+            found[0] += 1
+
+    @staticmethod
+    async def patched_call(task: Any) -> None:
+        record = task.__dict__.get("_floor")
+        if record is None:
+            await _CountFloor.call(task)
+            return
+        queued, key = record
+        started = time.perf_counter()
+        found = _CountFloor.counts[key]
+        with _CountFloor.lock:
+            found[1] += 1
+            found[3] += started - queued
+        try:
+            await _CountFloor.call(task)
+        finally:
+            ended = time.perf_counter()
+            with _CountFloor.lock:
+                found[2] += 1
+                found[4] += ended - started
+
+
+def _count_floor(shape: str) -> Variant:
+    app = tutorial_app(shape)
+    app.add_middleware(_CountFloor)
+
+    def activate() -> None:
+        setattr(background.BackgroundTask, "__init__", _CountFloor.patched_init)  # noqa: B010
+        setattr(background.BackgroundTask, "__call__", _CountFloor.patched_call)  # noqa: B010
+
+    def deactivate() -> None:
+        setattr(background.BackgroundTask, "__init__", _CountFloor.init)  # noqa: B010
+        setattr(background.BackgroundTask, "__call__", _CountFloor.call)  # noqa: B010
+
+    return Variant("count-floor", shape, app, activate, deactivate)
+
+
 def _span_floor(shape: str) -> Variant:
     provider, exporter = sdk_tracer_provider()
     app = tutorial_app(shape)
@@ -283,6 +378,8 @@ def build(name: str, shape: str) -> Variant | None:
         return _fastapi_telemetry(shape)
     if name == "span-floor":
         return _span_floor(shape)
+    if name == "count-floor":
+        return _count_floor(shape)
     raise ValueError(f"unknown variant {name!r}")
 
 
