@@ -1,4 +1,4 @@
-"""bgtrace's own metric values in a single process: plain numbers under one lock.
+"""bgtrace's own metric values: plain numbers under one lock.
 
 prometheus_client keeps a lock and a value object per sample and checks every update; a task
 moves through three states and would pay for eight such updates. Here one state change is one

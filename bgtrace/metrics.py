@@ -9,9 +9,11 @@ into prometheus_client metrics (``multiprocess.FileValues``), whose per-process 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -147,8 +149,14 @@ class TaskMetrics:
         """Whether this process's values are all there is (no multiprocess files)."""
         return self._files is None
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a task changes state and its values (see accumulators)."""
+        return self._lock
+
     def unregister(self) -> None:
         if self._files is not None:
+            self.flush()  # what changed since the last flush still counts
             unpublish(self)
             self._files.unregister()
         if self._collector is not None:
@@ -162,10 +170,7 @@ class TaskMetrics:
             )
 
     def forget_values(self) -> None:
-        """Multiprocess mode, in a forked child: start from zero (see multiprocess). The
-        child has one thread; a lock some other thread of the parent held stays held in the
-        child for ever, so it gets a new one."""
-        self._lock = threading.RLock()
+        """Multiprocess mode, in a forked child: start from zero (see multiprocess)."""
         self._series = {}
         self._local_series = {}
         self._post_response = {}
@@ -244,7 +249,7 @@ def task_metrics(
     middleware that asks for other buckets (a middleware is built at the first request,
     possibly after such a task).
     """
-    wanted = tuple(float(b) for b in buckets) if buckets is not None else DEFAULT_BUCKETS
+    wanted = _bounds(buckets) if buckets is not None else DEFAULT_BUCKETS
     if max_label_values < 1:
         raise ValueError(f"max_label_values must be at least 1, got {max_label_values}")
     with _by_registry_lock:
@@ -270,8 +275,21 @@ def task_metrics(
         return existing
 
 
+def _bounds(buckets: Sequence[float]) -> tuple[float, ...]:
+    """Histogram upper bounds as prometheus_client takes them: ``+Inf`` is always added, so a
+    trailing one (``Histogram.DEFAULT_BUCKETS`` has it) is dropped; ascending, at least one."""
+    bounds = [float(b) for b in buckets]
+    if bounds and bounds[-1] == math.inf:
+        bounds.pop()
+    ascending = all(a < b for a, b in pairwise(bounds))
+    if not bounds or not ascending or not all(map(math.isfinite, bounds)):
+        raise ValueError(f"buckets must be finite and ascending (+Inf is added), got {buckets}")
+    return tuple(bounds)
+
+
 def local_sets(registry: CollectorRegistry) -> list[TaskMetrics]:
-    """The metrics sets in ``registry`` whose values bgtrace holds itself."""
+    """The metrics sets in ``registry`` whose values ``/metrics`` writes from this process's
+    memory (single-process mode: not added up from files)."""
     with _by_registry_lock:
         return [m for m in _by_registry.get(registry, {}).values() if m.local]
 

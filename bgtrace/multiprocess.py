@@ -149,8 +149,6 @@ class FileValues:
         self.post_response = histogram(POST_RESPONSE, ("route",))
         empty: _Histogram = ((0,) * (len(buckets) + 1), 0.0)
         self._nothing: _Written = (0, 0, 0, (0,) * len(OUTCOMES), {}, {}, empty, empty)
-        # One flush at a time: each adds the difference to what the previous one wrote.
-        self._flush_lock = threading.Lock()
         self._written: dict[tuple[str, str, str], _Written] = {}
         self._written_post: dict[str, _Histogram] = {}
         self._children: dict[tuple[str, str, str], _Children] = {}
@@ -165,7 +163,6 @@ class FileValues:
 
     def forget_written(self) -> None:
         """In a forked child: its files are new, and so are its values."""
-        self._flush_lock = threading.Lock()  # perhaps held by the parent's flush thread
         self._written.clear()
         self._written_post.clear()
 
@@ -176,7 +173,8 @@ class FileValues:
         lock: threading.RLock,
     ) -> None:
         """Write what changed in ``series`` and ``post_response`` since the last flush."""
-        with self._flush_lock:
+        # One flush at a time: each adds the difference to what the previous one wrote.
+        with _flush_lock:
             # Read and mark clean together, under the lock the updates take: an update made
             # after the read flags its series again for the next flush.
             with lock:
@@ -191,27 +189,38 @@ class FileValues:
                         histogram.dirty = False
                         posts.append((route, _histogram(histogram)))
             # The file writes outside it: tasks never wait for the disk.
+            # A write that fails halfway counts as written all the same: adding its first
+            # part again at every flush would grow without end; this way at most one batch of
+            # one series is short, and the error is logged.
             for labels, now in changed:
-                self._write(labels, now)
+                try:
+                    self._write(labels, now)
+                except Exception:
+                    logs.internal_error("multiprocess write")
                 self._written[labels] = now
             for route, now_post in posts:
-                child = self._post_children.get(route)
-                if child is None:
-                    child = self._post_children[route] = self.post_response.labels(route)
-                _add(child, now_post, self._written_post.get(route, self._nothing[6]))
+                try:
+                    child = self._post_children.get(route)
+                    if child is None:
+                        child = self._post_children[route] = self.post_response.labels(route)
+                    _add(child, now_post, self._written_post.get(route, self._nothing[6]))
+                except Exception:
+                    logs.internal_error("multiprocess write")
                 self._written_post[route] = now_post
 
     def _write(self, labels: tuple[str, str, str], now: _Written) -> None:
         before = self._written.get(labels, self._nothing)
         children = self._children.get(labels)
+        fresh = children is None
         if children is None:
             # Made at the first flush of the series: every value of it exists from then on.
             children = self._children[labels] = _Children(self, labels)
         if now[0] != before[0]:
             children.enqueued.inc(now[0] - before[0])
-        if now[1] != before[1]:
+        # Gauges are absolute: set at once on new children, whatever the file held before.
+        if fresh or now[1] != before[1]:
             children.queue_length.set(now[1])
-        if now[2] != before[2]:
+        if fresh or now[2] != before[2]:
             children.in_progress.set(now[2])
         for child, count, was in zip(children.completed, now[3], before[3], strict=True):
             if count != was:
@@ -244,24 +253,38 @@ def _add(child: Any, now: _Histogram, before: _Histogram) -> None:
 
 
 class Flushable(Protocol):
+    @property
+    def lock(self) -> threading.RLock: ...
+
     def flush(self) -> None: ...
 
     def forget_values(self) -> None: ...
 
 
-# Every metrics set of this process whose values go to the files.
+# Every metrics set of this process whose values go to the files, and its guard (a WeakSet
+# changed by one thread while another copies it fails).
 _flushed: weakref.WeakSet[Flushable] = weakref.WeakSet()
+_flushed_lock = threading.Lock()
+# Taken by every flush, and around a fork (see _before_fork).
+_flush_lock = threading.Lock()
 _flusher_lock = threading.Lock()
 _flusher_pid = 0
 
 
 def publish(target: Flushable) -> None:
     """Copy ``target``'s values to the files from now on."""
-    _flushed.add(target)
+    with _flushed_lock:
+        _flushed.add(target)
 
 
 def unpublish(target: Flushable) -> None:
-    _flushed.discard(target)
+    with _flushed_lock:
+        _flushed.discard(target)
+
+
+def _published() -> list[Flushable]:
+    with _flushed_lock:
+        return list(_flushed)
 
 
 def ensure_flusher() -> None:
@@ -281,31 +304,61 @@ def ensure_flusher() -> None:
 def _flush_periodically() -> None:
     while True:
         time.sleep(FLUSH_INTERVAL)
-        flush_all()
+        flush_all()  # never raises: the thread must outlive any error
 
 
 def flush_all() -> None:
     """Copy every metrics set's changes of this process to its files now."""
-    for target in list(_flushed):
+    try:
+        targets = _published()
+    except Exception:
+        logs.internal_error("multiprocess flush")
+        return
+    for target in targets:
         try:
             target.flush()
         except Exception:
             logs.internal_error("multiprocess flush")
 
 
+# A fork copies locks as they are: one held by another thread (the flush thread writing,
+# a threadpool thread ending a task) would stay held in the child for ever. The forking
+# thread takes them all first, so the child starts with every one of them free. The same
+# order as a flush takes them: the set, then the flush, then each set's lock.
+_held: list[Flushable] = []
+
+
+def _before_fork() -> None:
+    _flushed_lock.acquire()
+    _flush_lock.acquire()
+    _held[:] = list(_flushed)
+    for target in _held:
+        target.lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for target in reversed(_held):
+        target.lock.release()
+    _held.clear()
+    _flush_lock.release()
+    _flushed_lock.release()
+
+
 def _after_fork_in_child() -> None:
     # A forked worker inherits its parent's values in memory; they are the parent's to
     # write. The child counts from zero, in files of its own pid (as prometheus_client does).
-    global _flusher_lock
-    _flusher_lock = threading.Lock()
-    for target in list(_flushed):
+    held = list(_held)
+    _after_fork_in_parent()
+    for target in held:
         try:
             target.forget_values()
         except Exception:
             logs.internal_error("multiprocess fork")
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 
 # --- the end of a worker -------------------------------------------------------------------

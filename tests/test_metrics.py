@@ -61,3 +61,24 @@ def test_same_registry_same_metrics_other_config_is_a_precise_error(
         task_metrics(registry, buckets=[1.0])
     with pytest.raises(ValueError, match="max_label_values"):
         task_metrics(registry, max_label_values=0)
+
+
+def test_buckets_ending_in_inf_give_one_inf_bucket(registry: CollectorRegistry) -> None:
+    from prometheus_client import Histogram, generate_latest
+
+    metrics = task_metrics(registry, buckets=Histogram.DEFAULT_BUCKETS)
+    series = metrics.series("app.send", "handler", "/send")
+    with series.lock:
+        series.queued()
+        series.started(0.2)
+    text = generate_latest(registry).decode()
+    inf_lines = [line for line in text.splitlines() if "queue_wait" in line and "+Inf" in line]
+    assert len(inf_lines) == 1 and inf_lines[0].endswith(" 1.0")
+
+
+@pytest.mark.parametrize("buckets", [[], [1.0, 0.5], [0.5, 0.5], [float("nan")], [float("inf")]])
+def test_buckets_that_make_no_histogram_are_a_precise_error(
+    registry: CollectorRegistry, buckets: list[float]
+) -> None:
+    with pytest.raises(ValueError, match="buckets must be finite and ascending"):
+        task_metrics(registry, buckets=buckets)

@@ -9,10 +9,13 @@ tests/test_faults_server.py and tests/test_e2e_prometheus.py.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,3 +127,68 @@ def test_a_forked_child_does_not_write_its_parents_values() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     metrics.flush()
     assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_a_fork_waits_for_a_thread_holding_the_lock_and_the_child_carries_on() -> None:
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    some_tasks(metrics)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with metrics.lock:  # a task changing state in a threadpool thread, say
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    # Free the lock only once the fork is under way: without the fork hooks the child would
+    # start with the lock held by a thread it does not have.
+    threading.Timer(0.2, release.set).start()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            some_tasks(metrics)
+            metrics.flush()
+            ok = registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    holder.join(10)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung on a lock")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_buckets_ending_in_inf_are_written_like_prometheus_client_takes_them() -> None:
+    registry = CollectorRegistry()
+    metrics = task_metrics(registry, buckets=Histogram.DEFAULT_BUCKETS)
+    some_tasks(metrics)
+    metrics.flush()
+    labels = dict(LABELS, le="+Inf")
+    assert registry.get_sample_value("bgtask_duration_seconds_bucket", labels) == 2
+    assert registry.get_sample_value("bgtask_queue_wait_seconds_bucket", labels) == 3
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_a_set_taken_out_writes_what_it_still_held() -> None:
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    enqueued = metrics._files.enqueued if metrics._files is not None else None
+    assert enqueued is not None
+    some_tasks(metrics)
+    metrics.unregister()
+    [family] = enqueued.collect()
+    counts = {s.labels["task"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert counts == {"app.send": 5, "app.audit": 1}
