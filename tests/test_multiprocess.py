@@ -192,3 +192,14 @@ def test_a_set_taken_out_writes_what_it_still_held() -> None:
     [family] = enqueued.collect()
     counts = {s.labels["task"]: s.value for s in family.samples if s.name.endswith("_total")}
     assert counts == {"app.send": 5, "app.audit": 1}
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_the_worker_answering_a_scrape_writes_its_own_values_first() -> None:
+    from bgtrace.exposition import _render
+
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    some_tasks(metrics)
+    _render(registry, "")
+    assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
