@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,26 @@ def some_tasks(metrics: TaskMetrics, rounds: int = 1) -> None:
             series.dropped("request_error")
             other.queued()
         metrics.post_response_for("/send").observe(0.4)
+
+
+def in_forked_child(check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a forked child; whether it held. A child that hangs is killed."""
+    pid = os.fork()
+    if pid == 0:  # the child reports by exit code only, and never returns into pytest
+        try:
+            os._exit(0 if check() else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        time.sleep(0.02)
 
 
 def samples(registry: CollectorRegistry) -> Samples:
@@ -112,19 +133,15 @@ def test_a_forked_child_does_not_write_its_parents_values() -> None:
     registry = CollectorRegistry()
     metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
     some_tasks(metrics)  # not flushed yet: these are the parent's to write
-    pid = os.fork()
-    if pid == 0:  # the child: report by exit code only, never return into pytest
-        try:
-            flush_all()
-            some_tasks(metrics)
-            metrics.flush()
-            # Its own tasks, once; none of the parent's.
-            ok = registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
-            os._exit(0 if ok else 1)
-        except BaseException:
-            os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> bool:
+        flush_all()
+        some_tasks(metrics)
+        metrics.flush()
+        # Its own tasks, once; none of the parent's.
+        return registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+
+    assert in_forked_child(child)
     metrics.flush()
     assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
 
@@ -147,27 +164,14 @@ def test_a_fork_waits_for_a_thread_holding_the_lock_and_the_child_carries_on() -
     # Free the lock only once the fork is under way: without the fork hooks the child would
     # start with the lock held by a thread it does not have.
     threading.Timer(0.2, release.set).start()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            some_tasks(metrics)
-            metrics.flush()
-            ok = registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
-            os._exit(0 if ok else 1)
-        except BaseException:
-            os._exit(2)
+
+    def child() -> bool:
+        some_tasks(metrics)
+        metrics.flush()
+        return registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+
+    assert in_forked_child(child)
     holder.join(10)
-    deadline = time.monotonic() + 10
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the forked child hung on a lock")
-        time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.usefixtures("multiprocess")
