@@ -296,9 +296,14 @@ def ensure_flusher() -> None:
     with _flusher_lock:
         if _flusher_pid == pid:
             return
-        _flusher_pid = pid
         # A daemon: it ends with its process, whose last values the exit hooks write.
-        threading.Thread(target=_flush_periodically, name="bgtrace-flush", daemon=True).start()
+        thread = threading.Thread(target=_flush_periodically, name="bgtrace-flush", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # at interpreter shutdown: the exit hook writes the values
+            logs.internal_error("multiprocess flush thread")
+            return
+        _flusher_pid = pid
 
 
 def _flush_periodically() -> None:

@@ -207,3 +207,27 @@ def test_the_worker_answering_a_scrape_writes_its_own_values_first() -> None:
     some_tasks(metrics)
     _render(registry, "")
     assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_a_flush_thread_that_cannot_start_is_logged_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bgtrace import multiprocess
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(multiprocess, "_flusher_pid", 0)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    metrics = TaskMetrics(CollectorRegistry(), "", (0.01, 1.0), 200)
+    with caplog.at_level("DEBUG", logger="bgtrace"):
+        series = metrics.series("app.send", "handler", "/send")  # the task goes on
+    assert series.labels == ("app.send", "handler", "/send")
+    assert "multiprocess flush thread" in caplog.text
+    assert multiprocess._flusher_pid == 0
+    monkeypatch.undo()
+    monkeypatch.setenv(MULTIPROC_ENV, "unused")
+    monkeypatch.setattr(multiprocess, "_flusher_pid", 0)
+    metrics.series("app.audit", "handler", "/send")
+    assert multiprocess._flusher_pid == os.getpid()
