@@ -36,7 +36,7 @@ from .families import (
     full_name,
     render,
 )  # fmt: skip
-from .multiprocess import FileValues, ensure_flusher, multiprocess_mode, publish, unpublish
+from .multiprocess import VALUES_LOCK, FileValues, ensure_flusher, multiprocess_mode, publish
 
 logger = logging.getLogger("bgtrace")
 
@@ -131,12 +131,12 @@ class TaskMetrics:
         self._local_series: dict[tuple[str, str, str], LocalSeries] = {}
         self._post_response: dict[str, LocalHistogram] = {}
         self._local_post_response: dict[str, LocalHistogram] = {}
-        # Reentrant: see accumulators.
-        self._lock = threading.RLock()
         self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
         for family in ALL_FAMILIES:
             full_name(namespace, family)  # a bad namespace fails here, before registering
+        # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
+        self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
         if multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             publish(self)
@@ -156,8 +156,8 @@ class TaskMetrics:
 
     def unregister(self) -> None:
         if self._files is not None:
-            self.flush()  # what changed since the last flush still counts
-            unpublish(self)
+            # Taken out of the registry, still flushed: tasks queued on its series before
+            # (the implicit set, replaced by a middleware's) go on to the files as they end.
             self._files.unregister()
         if self._collector is not None:
             self.registry.unregister(self._collector)

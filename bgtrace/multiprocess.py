@@ -253,9 +253,6 @@ def _add(child: Any, now: _Histogram, before: _Histogram) -> None:
 
 
 class Flushable(Protocol):
-    @property
-    def lock(self) -> threading.RLock: ...
-
     def flush(self) -> None: ...
 
     def forget_values(self) -> None: ...
@@ -267,6 +264,10 @@ _flushed: weakref.WeakSet[Flushable] = weakref.WeakSet()
 _flushed_lock = threading.Lock()
 # Taken by every flush, and around a fork (see _before_fork).
 _flush_lock = threading.Lock()
+# The lock of every metrics set in this mode, shared: a fork takes it (see _before_fork); one
+# lock per set would need an order to take several in, which a garbage collection running a
+# drop of another set's task (records.py) does not keep. Reentrant: see accumulators.
+VALUES_LOCK = threading.RLock()
 _flusher_lock = threading.Lock()
 _flusher_pid = 0
 
@@ -275,11 +276,6 @@ def publish(target: Flushable) -> None:
     """Copy ``target``'s values to the files from now on."""
     with _flushed_lock:
         _flushed.add(target)
-
-
-def unpublish(target: Flushable) -> None:
-    with _flushed_lock:
-        _flushed.discard(target)
 
 
 def _published() -> list[Flushable]:
@@ -328,33 +324,26 @@ def flush_all() -> None:
 
 # A fork copies locks as they are: one held by another thread (the flush thread writing,
 # a threadpool thread ending a task) would stay held in the child for ever. The forking
-# thread takes them all first, so the child starts with every one of them free. The same
-# order as a flush takes them: the set, then the flush, then each set's lock.
-_held: list[Flushable] = []
+# thread takes them all first, so the child starts with every one of them free; in the
+# order every other path takes them (none takes an earlier one while holding a later one).
+_FORK_LOCKS = (_flusher_lock, _flushed_lock, _flush_lock, VALUES_LOCK)
 
 
 def _before_fork() -> None:
-    _flushed_lock.acquire()
-    _flush_lock.acquire()
-    _held[:] = list(_flushed)
-    for target in _held:
-        target.lock.acquire()
+    for lock in _FORK_LOCKS:
+        lock.acquire()
 
 
 def _after_fork_in_parent() -> None:
-    for target in reversed(_held):
-        target.lock.release()
-    _held.clear()
-    _flush_lock.release()
-    _flushed_lock.release()
+    for lock in reversed(_FORK_LOCKS):
+        lock.release()
 
 
 def _after_fork_in_child() -> None:
     # A forked worker inherits its parent's values in memory; they are the parent's to
     # write. The child counts from zero, in files of its own pid (as prometheus_client does).
-    held = list(_held)
     _after_fork_in_parent()
-    for target in held:
+    for target in list(_flushed):
         try:
             target.forget_values()
         except Exception:

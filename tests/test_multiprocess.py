@@ -146,15 +146,25 @@ def test_a_forked_child_does_not_write_its_parents_values() -> None:
     assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
 
 
+@pytest.mark.parametrize("held", ["values", "flush", "published", "flusher"])
 @pytest.mark.usefixtures("multiprocess")
-def test_a_fork_waits_for_a_thread_holding_the_lock_and_the_child_carries_on() -> None:
+def test_a_fork_waits_for_a_thread_holding_a_lock_and_the_child_carries_on(held: str) -> None:
+    from bgtrace import multiprocess
+
     registry = CollectorRegistry()
     metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    other = TaskMetrics(CollectorRegistry(), "other", (0.01, 1.0), 200)  # a second set
     some_tasks(metrics)
+    lock = {
+        "values": metrics.lock,  # a task changing state in a threadpool thread, say
+        "flush": multiprocess._flush_lock,  # the flush thread writing
+        "published": multiprocess._flushed_lock,
+        "flusher": multiprocess._flusher_lock,  # a first series starting the flush thread
+    }[held]
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with metrics.lock:  # a task changing state in a threadpool thread, say
+        with lock:
             holding.set()
             release.wait(10)
 
@@ -167,7 +177,8 @@ def test_a_fork_waits_for_a_thread_holding_the_lock_and_the_child_carries_on() -
 
     def child() -> bool:
         some_tasks(metrics)
-        metrics.flush()
+        some_tasks(other)
+        flush_all()
         return registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
 
     assert in_forked_child(child)
@@ -186,16 +197,21 @@ def test_buckets_ending_in_inf_are_written_like_prometheus_client_takes_them() -
 
 
 @pytest.mark.usefixtures("multiprocess")
-def test_a_set_taken_out_writes_what_it_still_held() -> None:
+def test_a_set_taken_out_of_its_registry_still_writes_its_tasks() -> None:
     registry = CollectorRegistry()
     metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
     enqueued = metrics._files.enqueued if metrics._files is not None else None
     assert enqueued is not None
     some_tasks(metrics)
+    series = metrics.series("app.send", "handler", "/send")
     metrics.unregister()
+    # A task queued on it before still reaches the files as it goes on.
+    with series.lock:
+        series.queued()
+    flush_all()
     [family] = enqueued.collect()
     counts = {s.labels["task"]: s.value for s in family.samples if s.name.endswith("_total")}
-    assert counts == {"app.send": 5, "app.audit": 1}
+    assert counts == {"app.send": 6, "app.audit": 1}
 
 
 @pytest.mark.usefixtures("multiprocess")
