@@ -35,7 +35,7 @@ def multiprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def some_tasks(metrics: TaskMetrics, rounds: int = 1) -> None:
-    """Every kind of update: queued, started, finished three ways, dropped, post_response."""
+    """Every kind of update: queued, started, succeeded, failed, dropped, post_response."""
     for _ in range(rounds):
         series = metrics.series("app.send", "handler", "/send")
         other = metrics.series("app.audit", "dependency", "/send")
