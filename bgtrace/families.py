@@ -57,6 +57,10 @@ POST_RESPONSE = Family(
     "Time from the last response byte to the end of the request's background work.",
     "histogram",
 )
+ALL_FAMILIES = (
+    ENQUEUED, COMPLETED, FAILURES, DROPPED, DURATION, QUEUE_WAIT, QUEUE_LENGTH, IN_PROGRESS,
+    POST_RESPONSE,
+)  # fmt: skip
 
 
 def full_name(namespace: str, family: Family) -> str:

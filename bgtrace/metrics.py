@@ -20,22 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from .accumulators import LocalHistogram, LocalSeries
-from .families import (
-    COMPLETED,
-    DROPPED,
-    DURATION,
-    ENQUEUED,
-    FAILURES,
-    IN_PROGRESS,
-    POST_RESPONSE,
-    QUEUE_LENGTH,
-    QUEUE_WAIT,
-    LocalValues,
-    collect,
-    describe,
-    full_name,
-    render,
-)  # fmt: skip
+from .families import ALL_FAMILIES, LocalValues, collect, describe, full_name, render
 from .multiprocess import VALUES_LOCK, FileValues, ensure_flusher, multiprocess_mode, publish
 
 logger = logging.getLogger("bgtrace")
@@ -49,11 +34,6 @@ OTHER = "other"
 # Lookup keys remembered per metrics set: far above the (task, origin, route) combinations
 # of a real app, and a bound on what run-time-made callables can pin in memory.
 _MAX_SERIES_KEYS = 4096
-
-ALL_FAMILIES = (
-    ENQUEUED, COMPLETED, FAILURES, DROPPED, DURATION, QUEUE_WAIT, QUEUE_LENGTH, IN_PROGRESS,
-    POST_RESPONSE,
-)  # fmt: skip
 
 
 class LabelLimiter:

@@ -147,8 +147,10 @@ class FileValues:
         self.queue_length = gauge(QUEUE_LENGTH)
         self.in_progress = gauge(IN_PROGRESS)
         self.post_response = histogram(POST_RESPONSE, ("route",))
-        empty: _Histogram = ((0,) * (len(buckets) + 1), 0.0)
-        self._nothing: _Written = (0, 0, 0, (0,) * len(OUTCOMES), {}, {}, empty, empty)
+        self._empty: _Histogram = ((0,) * (len(buckets) + 1), 0.0)
+        self._nothing: _Written = (
+            0, 0, 0, (0,) * len(OUTCOMES), {}, {}, self._empty, self._empty,
+        )  # fmt: skip
         self._written: dict[tuple[str, str, str], _Written] = {}
         self._written_post: dict[str, _Histogram] = {}
         self._children: dict[tuple[str, str, str], _Children] = {}
@@ -203,7 +205,7 @@ class FileValues:
                     child = self._post_children.get(route)
                     if child is None:
                         child = self._post_children[route] = self.post_response.labels(route)
-                    _add(child, now_post, self._written_post.get(route, self._nothing[6]))
+                    _add(child, now_post, self._written_post.get(route, self._empty))
                 except Exception:
                     logs.internal_error("multiprocess write")
                 self._written_post[route] = now_post
