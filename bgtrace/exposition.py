@@ -9,12 +9,12 @@ import os
 import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs
 from .metrics import render_registry
-from .multiprocess import flush_all, multiprocess_mode
+from .multiprocess import flush_all, multiprocess_dir, multiprocess_mode
+from .worker_files import render_directory
 
 TOKEN_ENV = "BGTRACE_METRICS_TOKEN"
 
@@ -38,14 +38,12 @@ def _authorized(scope: Scope, expected: bytes) -> bool:
 
 def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     encoder, content_type = choose_encoder(accept)
-    if multiprocess_mode():
-        # Every worker writes its own files; a fresh registry per scrape reads them all.
-        # This worker's are brought up to date first (the others' are at most a second old).
-        flush_all()
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return encoder(registry), content_type
     openmetrics = content_type.startswith("application/openmetrics-text")
+    if multiprocess_mode():
+        # Every worker writes its own files, read at each scrape. This worker's are brought
+        # up to date first (the others' are at most a second old).
+        flush_all()
+        return render_directory(multiprocess_dir(), encoder, openmetrics), content_type
     return render_registry(registry, encoder, openmetrics), content_type
 
 

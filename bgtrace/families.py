@@ -272,5 +272,17 @@ def _histogram(
         append(chunk.replace("\0", text))
 
 
+def join_encoded(rest: bytes, pieces: list[str], openmetrics: bool) -> bytes:
+    """An encoder's output with bgtrace's families (``render``) after it, and one ``# EOF``."""
+    end = b""
+    if openmetrics and rest.endswith(_EOF):
+        rest, end = rest[: -len(_EOF)], _EOF
+    # Encoded piece by piece: no second copy of the whole text.
+    return b"".join([rest, *[piece.encode() for piece in pieces], end])
+
+
+_EOF = b"# EOF\n"
+
+
 def _help(family: Family) -> str:
     return family.help.replace("\\", r"\\").replace("\n", r"\n")

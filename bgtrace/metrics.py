@@ -20,7 +20,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from .accumulators import LocalHistogram, LocalSeries
-from .families import ALL_FAMILIES, LocalValues, collect, describe, full_name, render
+from .families import (
+    ALL_FAMILIES,
+    LocalValues,
+    collect,
+    describe,
+    full_name,
+    join_encoded,
+    render,
+)
 from .multiprocess import VALUES_LOCK, FileValues, ensure_flusher, multiprocess_mode, publish
 
 logger = logging.getLogger("bgtrace")
@@ -286,12 +294,5 @@ def render_registry(
         rest = encoder(registry)
     finally:
         _rendering.active = False
-    end = b""
-    if openmetrics and rest.endswith(_EOF):
-        rest, end = rest[: -len(_EOF)], _EOF
-    return b"".join(
-        [rest, *[piece.encode() for m in owned for piece in m.render(openmetrics)], end]
-    )
-
-
-_EOF = b"# EOF\n"
+    pieces = [piece for m in owned for piece in m.render(openmetrics)]
+    return join_encoded(rest, pieces, openmetrics)

@@ -57,11 +57,16 @@ def multiprocess_mode() -> bool:
     return any(name in os.environ for name in _MULTIPROC_ENVS)
 
 
+def multiprocess_dir() -> str:
+    """The directory of every worker's files, as prometheus_client picks it."""
+    return next((os.environ[name] for name in _MULTIPROC_ENVS if os.environ.get(name)), "")
+
+
 def check_multiprocess_dir() -> None:
     """Say at start-up what prometheus_client would only show as wrong numbers."""
     if not multiprocess_mode():
         return
-    path = next((os.environ[name] for name in _MULTIPROC_ENVS if os.environ.get(name)), "")
+    path = multiprocess_dir()
     if not os.path.isdir(path):
         logs.logger.error(
             "bgtrace: %s is set but %r is not a directory: prometheus_client writes this "

@@ -1,0 +1,528 @@
+"""Every worker's metric files, added up at a scrape: bgtrace's families in milliseconds, the
+rest as prometheus_client adds them.
+
+prometheus_client's ``MultiProcessCollector`` reads every file whole at each scrape, decodes
+the JSON key of every value and makes a sample object of each: seconds for bgtrace's thousands
+of series (a histogram is 18 values, each with its key). Its files only grow, and a value never
+moves once written, so ``WorkerFiles`` reads each key once and keeps where its value lies; a
+later scrape reads the values at those places and only the keys added since. bgtrace's families
+are added up into the structures one process renders from (``families.render``). Whatever else
+is in the directory (the app's own metrics) goes, from the kept keys, through
+prometheus_client's own summing, so it comes out as ``MultiProcessCollector`` gives it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from operator import add, itemgetter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from . import logs
+from .accumulators import LocalHistogram, LocalSeries
+from .families import (
+    ALL_FAMILIES,
+    COMPLETED,
+    DROPPED,
+    DURATION,
+    FAILURES,
+    POST_RESPONSE,
+    QUEUE_LENGTH,
+    TASK_LABELS,
+    Family,
+    LocalValues,
+    join_encoded,
+    render,
+)  # fmt: skip
+
+_USED = struct.Struct("i")  # the file's first field: how many bytes hold entries
+_FIRST_ENTRY = 8
+_DOUBLE = 8
+# Slot 0 of the sums is never added to: a value that no file holds reads it.
+_ZERO = 0
+_TASK_LABELS = frozenset(TASK_LABELS)
+# Label names beyond (task, origin, route) of each family that has one.
+_EXTRA_LABEL = {COMPLETED: "outcome", FAILURES: "error_type", DROPPED: "reason"}
+_INF = "+Inf"
+
+
+class Unfit(Exception):
+    """The files hold something this reader does not add up as prometheus_client would."""
+
+
+class _Histogram:
+    """Where one histogram's values lie among the sums, and the values to render."""
+
+    __slots__ = ("buckets", "files", "order", "sum", "values")
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self.buckets: dict[str, int] = {}  # le -> slot
+        self.sum = _ZERO
+        self.order: Callable[[list[float]], tuple[float, ...]] = _slots_getter([_ZERO])
+        self.files = 0  # how many files hold a value of it
+        self.values = LocalHistogram((), lock)
+
+
+class _Series:
+    """Where the values of one (task, origin, route) lie among the sums."""
+
+    __slots__ = (
+        "completed", "drops", "duration", "enqueued", "failures", "files", "in_progress",
+        "queue_length", "queue_wait", "values",
+    )  # fmt: skip
+
+    def __init__(self, labels: tuple[str, str, str], lock: threading.RLock) -> None:
+        self.enqueued = self.queue_length = self.in_progress = _ZERO
+        self.completed: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+        self.queue_wait = _Histogram(lock)
+        self.duration = _Histogram(lock)
+        self.files = 0
+        self.values = LocalSeries(labels, (), lock)
+        # Rendered from the histograms filled here.
+        self.values.queue_wait = self.queue_wait.values
+        self.values.duration = self.duration.values
+
+
+class _Namespace:
+    """bgtrace's families under one namespace, as found in the files."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.les: list[str] = []  # bucket bounds seen, ascending, without +Inf
+        self.series: dict[tuple[str, str, str], _Series] = {}
+        self.post_response: dict[str, _Histogram] = {}
+        self.reorder = False  # a bucket was added since the orders were made
+
+
+# What one value in a file is: a place among bgtrace's sums, or a sample of another metric
+# (metric name, sample name, sorted labels, help, file type, gauge mode, pid).
+_Other = tuple[str, str, tuple[tuple[str, str], ...], str, str, str, str, int]
+
+
+class _File:
+    """One worker file: kept mapped, so its inode stays taken while the key places are kept."""
+
+    __slots__ = ("identity", "indexes", "map", "mode", "other", "parsed", "pid", "read",
+                 "runs", "seen", "slots", "type")  # fmt: skip
+
+    def __init__(self, identity: tuple[int, int], name: str) -> None:
+        parts = name.split("_")
+        self.identity = identity
+        self.type = parts[0]
+        self.mode = parts[1] if self.type == "gauge" else ""
+        self.pid = parts[2][:-3] if self.type == "gauge" else ""
+        self.map: mmap.mmap | None = None
+        self.parsed = _FIRST_ENTRY
+        self.indexes: list[int] = []  # where bgtrace's values lie, in doubles
+        self.slots: list[int] = []  # and which sum each goes to
+        self.read: Callable[[Any], tuple[float, ...]] = _slots_getter([])
+        # Runs of consecutive slots, as (first slot, end slot, start among the values read,
+        # whether no other file adds to them): each run is added with one C-level map(), or
+        # copied. A file's values usually fill one run (the first worker's file made the slots
+        # in its own order) or one per series.
+        self.runs: list[tuple[int, int, int, bool]] = []
+        self.other: list[_Other] = []
+        self.seen: set[_Series | _Histogram] = set()
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+def _slots_getter(indexes: list[int]) -> Callable[[Any], tuple[float, ...]]:
+    """``itemgetter`` that always returns a tuple (it returns the item itself for one index)."""
+    if len(indexes) >= 2:
+        return itemgetter(*indexes)
+    if indexes:
+        only = indexes[0]
+        return lambda values: (values[only],)
+    return lambda values: ()
+
+
+class WorkerFiles:
+    """The files of one multiprocess directory, with what is kept of them between scrapes."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._files: dict[str, _File] = {}
+        self._namespaces: dict[str, _Namespace] = {}
+        self._holders = [0]  # per slot, how many files hold a value for it; slot 0 is _ZERO
+        self._replan = False  # files came or went: runs may stop or start being shared
+        self._fast_names: set[str] = set()
+        self._other_names: set[str] = set()
+        self._lock = threading.RLock()  # the LocalSeries' lock: rendering never takes it
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+    def collect(self) -> tuple[list[LocalValues], list[Any]]:
+        """bgtrace's values per namespace, and prometheus_client metrics of everything else."""
+        files = self._update()
+        sums = [0.0] * len(self._holders)
+        others: dict[str, Any] = {}
+        for file in files:
+            assert file.map is not None
+            size = len(file.map) // _DOUBLE * _DOUBLE
+            # Released before the map can be closed (a map with views on it cannot be).
+            with memoryview(file.map) as raw, raw[:size].cast("d") as doubles:
+                values = file.read(doubles)
+                for first, end, start, alone in file.runs:
+                    part = values[start : start + end - first]
+                    sums[first:end] = part if alone else map(add, sums[first:end], part)
+                if file.other:
+                    _add_others(others, file.other, doubles)
+        # prometheus_client's own summing (per gauge mode, buckets made cumulative).
+        merged = list(_accumulate(others, True)) if others else []
+        own = [_values(ns, sums) for ns in self._namespaces.values()]
+        return [values for values in own if values is not None], merged
+
+    def _update(self) -> list[_File]:
+        """Bring the kept files in line with the directory: new keys read, gone files let go."""
+        paths = sorted(glob.glob(os.path.join(self.directory, "*.db")))
+        files = []
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:  # removed since the listing (a dead worker's gauges)
+                continue
+            identity = (stat.st_dev, stat.st_ino)
+            file = self._files.get(path)
+            if file is not None and file.identity != identity:
+                self._forget(path)
+                file = None
+            if file is None:
+                file = self._files[path] = _File(identity, os.path.basename(path))
+            if stat.st_size < _FIRST_ENTRY:
+                continue  # just made by its writer, not yet sized
+            if file.map is None or len(file.map) != stat.st_size:
+                # The writer doubles a full file: map it anew to see the new part.
+                file.close()
+                with open(path, "rb") as handle:
+                    file.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._read_keys(file)
+            files.append(file)
+        for path in set(self._files) - set(paths):
+            self._forget(path)
+        for ns in self._namespaces.values():
+            if ns.reorder:
+                _reorder(ns)
+        if self._replan:
+            for file in files:
+                _plan_reads(file, self._holders)
+            self._replan = False
+        return files
+
+    def _forget(self, path: str) -> None:
+        file = self._files.pop(path)
+        for target in file.seen:
+            target.files -= 1
+        for slot in file.slots:
+            self._holders[slot] -= 1
+        self._replan = True
+        file.close()
+
+    def _read_keys(self, file: _File) -> None:
+        """Read the keys written to ``file`` since the last scrape."""
+        data = file.map
+        assert data is not None
+        (used,) = _USED.unpack_from(data, 0)
+        if used > len(data):
+            raise Unfit(f"a file claims more bytes than it has ({used} > {len(data)})")
+        position = file.parsed
+        added = False
+        while position < used:
+            (length,) = _USED.unpack_from(data, position)
+            if length <= 0 or position + 4 + length > used:
+                raise Unfit("a damaged entry in a multiprocess file")
+            key = data[position + 4 : position + 4 + length].decode("utf-8")
+            # Keys are padded so that the value after them starts at a multiple of 8.
+            value_at = position + 4 + length + (8 - (length + 4) % 8)
+            self._place(file, key, value_at // _DOUBLE)
+            position = value_at + 16  # the value and its timestamp
+            added = True
+        file.parsed = position
+        if added:
+            self._replan = True
+
+    def _place(self, file: _File, key: str, index: int) -> None:
+        metric_name, name, labels, help_text = json.loads(key)
+        found = self._target(file, metric_name, name, labels, help_text)
+        if found is None:
+            if metric_name in self._fast_names:
+                raise Unfit(f"{metric_name}: a value bgtrace does not write")
+            self._other_names.add(metric_name)
+            labels_key = tuple(sorted(labels.items()))
+            file.other.append((metric_name, name, labels_key, help_text, file.type, file.mode,
+                               file.pid, index))  # fmt: skip
+            return
+        if metric_name in self._other_names:
+            raise Unfit(f"{metric_name}: values of two kinds under one name")
+        self._fast_names.add(metric_name)
+        target, slot = found
+        if target not in file.seen:
+            file.seen.add(target)
+            target.files += 1
+        file.indexes.append(index)
+        file.slots.append(slot)
+        self._holders[slot] += 1
+
+    def _slot(self) -> int:
+        self._holders.append(0)
+        return len(self._holders) - 1
+
+    def _target(
+        self, file: _File, metric_name: str, name: str, labels: dict[str, str], help_text: str
+    ) -> tuple[_Series | _Histogram, int] | None:
+        """The series or histogram a value of bgtrace's adds to, and its slot (``None`` for any
+        other metric's value)."""
+        labels = dict(labels)  # the caller keeps the whole label set for another metric
+        family = _family(metric_name)
+        if (family is None or help_text != family.help or file.type != family.type
+                or file.mode not in ("", "livesum")):  # fmt: skip
+            return None
+        namespace = metric_name[: -len(family.name)].removesuffix("_")
+        ns = self._namespaces.get(namespace)
+        if ns is None:
+            ns = self._namespaces[namespace] = _Namespace(namespace)
+        le = labels.pop("le", None) if family.type == "histogram" else None
+        if family is POST_RESPONSE:
+            if set(labels) != {"route"}:
+                return None
+            route = labels["route"]
+            histogram = ns.post_response.get(route)
+            if histogram is None:
+                histogram = ns.post_response[route] = _Histogram(self._lock)
+            return self._histogram_slot(ns, histogram, metric_name, name, le)
+        extra = _EXTRA_LABEL.get(family)
+        value = labels.pop(extra, None) if extra is not None else None
+        if set(labels) != _TASK_LABELS or (extra is not None and value is None):
+            return None
+        triple = (labels["task"], labels["origin"], labels["route"])
+        series = ns.series.get(triple)
+        if series is None:
+            series = ns.series[triple] = _Series(triple, self._lock)
+        if family.type == "histogram":
+            which = series.duration if family is DURATION else series.queue_wait
+            return self._histogram_slot(ns, which, metric_name, name, le)
+        expected = metric_name + "_total" if family.type == "counter" else metric_name
+        if name != expected:
+            return None
+        if family.type == "gauge":
+            if family is QUEUE_LENGTH:
+                slot = series.queue_length = self._fresh(series.queue_length)
+            else:
+                slot = series.in_progress = self._fresh(series.in_progress)
+            return series, slot
+        if value is None:
+            slot = series.enqueued = self._fresh(series.enqueued)
+            return series, slot
+        by_value = {"outcome": series.completed, "error_type": series.failures,
+                    "reason": series.drops}[extra or ""]  # fmt: skip
+        slot = by_value.get(value) or self._slot()
+        by_value[value] = slot
+        return series, slot
+
+    def _fresh(self, slot: int) -> int:
+        """A series' own slot for one value, made when a file first holds it."""
+        return slot if slot != _ZERO else self._slot()
+
+    def _histogram_slot(
+        self, ns: _Namespace, histogram: _Histogram, metric_name: str, name: str, le: str | None
+    ) -> tuple[_Histogram, int] | None:
+        if name == metric_name + "_sum" and le is None:
+            histogram.sum = self._fresh(histogram.sum)
+            return histogram, histogram.sum
+        if name != metric_name + "_bucket" or le is None:
+            return None
+        slot = histogram.buckets.get(le)
+        if slot is None:
+            slot = histogram.buckets[le] = self._slot()
+            if le != _INF and le not in ns.les:
+                try:
+                    float(le)
+                except ValueError:
+                    raise Unfit(f"{metric_name}: bucket bound {le!r}") from None
+                ns.les.append(le)
+                ns.les.sort(key=float)
+            ns.reorder = True
+        return histogram, slot
+
+
+def _plan_reads(file: _File, holders: list[int]) -> None:
+    """How a scrape reads ``file``'s values of bgtrace's and adds them to the sums."""
+    # In slot order, so that consecutive slots make runs.
+    order = sorted(range(len(file.slots)), key=file.slots.__getitem__)
+    file.read = _slots_getter([file.indexes[i] for i in order])
+    runs: list[tuple[int, int, int, bool]] = []
+    first = previous = -2
+    start = 0
+    for position, slot in enumerate([*(file.slots[i] for i in order), -2]):
+        if slot != previous + 1:
+            if previous >= 0:
+                alone = all(holders[s] == 1 for s in range(first, previous + 1))
+                runs.append((first, previous + 1, start, alone))
+            first, start = slot, position
+        previous = slot
+    file.runs = runs
+
+
+def _family(metric_name: str) -> Family | None:
+    for family in ALL_FAMILIES:
+        if metric_name == family.name or metric_name.endswith("_" + family.name):
+            return family
+    return None
+
+
+def _reorder(ns: _Namespace) -> None:
+    """Each histogram's bucket slots in the order of the namespace's bounds."""
+    les = [*ns.les, _INF]
+    for series in ns.series.values():
+        for histogram in (series.queue_wait, series.duration):
+            histogram.order = _slots_getter([histogram.buckets.get(le, _ZERO) for le in les])
+    for histogram in ns.post_response.values():
+        histogram.order = _slots_getter([histogram.buckets.get(le, _ZERO) for le in les])
+    ns.reorder = False
+
+
+def _fill(histogram: _Histogram, sums: list[float]) -> LocalHistogram:
+    values = histogram.values
+    # Counts are whole numbers held as floats: rendered with %d, they print as integers.
+    values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+    values.sum = sums[histogram.sum]
+    return values
+
+
+def _values(ns: _Namespace, sums: list[float]) -> LocalValues | None:
+    """One namespace's sums as the structures one process renders, or ``None`` when no file
+    holds any of it any more."""
+    series = []
+    for one in ns.series.values():
+        if not one.files:
+            continue
+        values = one.values
+        values.enqueued = int(sums[one.enqueued])
+        values.queue_length = int(sums[one.queue_length])
+        values.in_progress = int(sums[one.in_progress])
+        values.completed = {k: int(sums[slot]) for k, slot in one.completed.items()}
+        # A failure or drop exists in a file once counted: a zero is a dead worker's file gone.
+        if one.failures:
+            values.failures = {k: n for k, slot in one.failures.items() if (n := int(sums[slot]))}
+        if one.drops:
+            values.drops = {k: n for k, slot in one.drops.items() if (n := int(sums[slot]))}
+        histogram = one.queue_wait
+        histogram.values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+        histogram.values.sum = sums[histogram.sum]
+        histogram = one.duration
+        histogram.values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+        histogram.values.sum = sums[histogram.sum]
+        series.append(values)
+    post = {route: _fill(h, sums) for route, h in ns.post_response.items() if h.files}
+    if not series and not post:
+        return None
+    return LocalValues(ns.name, tuple(float(le) for le in ns.les), series, post)
+
+
+# Private, in every release bgtrace supports; were it gone, the scrape takes the slow way.
+_accumulate: Callable[[dict[str, Any], bool], Any] = MultiProcessCollector._accumulate_metrics
+
+
+def _add_others(others: dict[str, Any], entries: list[_Other], doubles: Any) -> None:
+    """Other metrics' samples, made as ``MultiProcessCollector`` makes them from a file."""
+    for metric_name, name, labels_key, help_text, typ, mode, pid, index in entries:
+        metric: Any = others.get(metric_name)
+        if metric is None:
+            metric = others[metric_name] = Metric(metric_name, help_text, typ)
+        value = doubles[index]
+        # Sorted label tuples, not dicts: prometheus_client's summing expects them so.
+        if typ == "gauge":
+            metric._multiprocess_mode = mode
+            metric.add_sample(name, (*labels_key, ("pid", pid)), value, doubles[index + 1])
+        else:
+            metric.add_sample(name, labels_key, value)
+
+
+# --- the scrape ----------------------------------------------------------------------------
+
+_reader: WorkerFiles | None = None
+_reader_lock = threading.Lock()
+# Directories holding something the reader does not add up: files only grow, so for good.
+_unfit: set[str] = set()
+
+
+def render_directory(directory: str, encoder: Callable[[Any], bytes], openmetrics: bool) -> bytes:
+    """Every worker's metrics in ``directory``, in the encoder's format."""
+    if not os.path.isdir(directory):
+        # As prometheus_client's collector refuses it: a scrape of nothing would look fine.
+        raise ValueError("env PROMETHEUS_MULTIPROC_DIR is not set or not a directory")
+    read = _read(directory, openmetrics)
+    if read is None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return encoder(registry)
+    pieces, merged = read
+    return join_encoded(encoder(_Collected(merged)), pieces, openmetrics)
+
+
+def _read(directory: str, openmetrics: bool) -> tuple[list[str], list[Any]] | None:
+    """bgtrace's families rendered, and the other metrics; ``None``: read it the slow way."""
+    global _reader
+    # One scrape at a time: the reader's values are rendered in place.
+    with _reader_lock:
+        if directory in _unfit:
+            return None
+        try:
+            if _reader is None or _reader.directory != directory:
+                if _reader is not None:
+                    _reader.close()
+                _reader = WorkerFiles(directory)
+            own, merged = _reader.collect()
+            return [piece for values in own for piece in render(values, openmetrics)], merged
+        except Unfit as unfit:
+            logs.logger.warning(
+                "bgtrace: /metrics adds up %s with prometheus_client's MultiProcessCollector "
+                "from now on, which takes seconds with thousands of series: %s",
+                directory,
+                unfit,
+            )
+            _unfit.add(directory)
+        except Exception:
+            # Never a wrong sum: start over at the next scrape, this one the slow way.
+            logs.internal_error("multiprocess read")
+        if _reader is not None:
+            _reader.close()
+        _reader = None
+        return None
+
+
+class _Collected:
+    """Metrics already collected, in the shape an encoder reads a registry."""
+
+    def __init__(self, metrics: list[Any]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self._metrics)
+
+
+def _forget_after_fork() -> None:
+    # The lock may have been held by a scraping thread that the child does not have.
+    global _reader, _reader_lock
+    _reader = None
+    _reader_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
