@@ -146,3 +146,23 @@ def total(
 ) -> float:
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def in_forked_child(check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a forked child; whether it held. A child that hangs is killed."""
+    pid = os.fork()
+    if pid == 0:  # the child reports by exit code only, and never returns into pytest
+        try:
+            os._exit(0 if check() else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        time.sleep(0.02)

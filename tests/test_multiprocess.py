@@ -9,10 +9,7 @@ tests/test_faults_server.py and tests/test_e2e_prometheus.py.
 from __future__ import annotations
 
 import os
-import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bgtrace.accumulators import exemplar
 from bgtrace.metrics import TaskMetrics, task_metrics
 from bgtrace.multiprocess import MULTIPROC_ENV, flush_all
-from tests.servers import wait_for
+from tests.servers import in_forked_child, wait_for
 
 LABELS = {"task": "app.send", "origin": "handler", "route": "/send"}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -50,26 +47,6 @@ def some_tasks(metrics: TaskMetrics, rounds: int = 1) -> None:
             series.dropped("request_error")
             other.queued()
         metrics.post_response_for("/send").observe(0.4)
-
-
-def in_forked_child(check: Callable[[], bool]) -> bool:
-    """Run ``check`` in a forked child; whether it held. A child that hangs is killed."""
-    pid = os.fork()
-    if pid == 0:  # the child reports by exit code only, and never returns into pytest
-        try:
-            os._exit(0 if check() else 1)
-        except BaseException:
-            os._exit(2)
-    deadline = time.monotonic() + 10
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the forked child hung")
-        time.sleep(0.02)
 
 
 def samples(registry: CollectorRegistry) -> Samples:

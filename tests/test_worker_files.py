@@ -1,0 +1,287 @@
+"""bgtrace's reader of every worker's files (``worker_files``): the sums prometheus_client's
+``MultiProcessCollector`` gives, with each key read once per worker process.
+
+The files are real: each is written by a worker stand-in (tests/worker_writer.py), a process
+of its own with ``PROMETHEUS_MULTIPROC_DIR`` set, as prometheus_client decides at import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from prometheus_client.openmetrics import parser as openmetrics_parser
+from prometheus_client.parser import text_string_to_metric_families
+
+from bgtrace import worker_files
+from bgtrace.multiprocess import MULTIPROC_ENV
+from tests.servers import ROOT, in_forked_child
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+WRITER = str(Path(__file__).with_name("worker_writer.py"))
+
+
+@pytest.fixture
+def directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty multiprocess directory, and a reader that knows nothing yet."""
+    monkeypatch.setattr(worker_files, "_reader", None)
+    monkeypatch.setattr(worker_files, "_unfit", set())
+    yield tmp_path
+    if worker_files._reader is not None:
+        worker_files._reader.close()
+
+
+@pytest.fixture
+def keys_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every key the reader decodes, in order."""
+    decoded: list[str] = []
+
+    class Counting:
+        @staticmethod
+        def loads(text: str) -> Any:
+            decoded.append(text)
+            return json.loads(text)
+
+    monkeypatch.setattr(worker_files, "json", Counting)
+    return decoded
+
+
+def run_worker(directory: Path, tasks: str, rounds: int = 1) -> int:
+    """One worker stand-in, run to its end; its pid (the name of its files)."""
+    done = subprocess.run(
+        [sys.executable, WRITER, tasks, str(rounds)],
+        env={**os.environ, MULTIPROC_ENV: str(directory)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def entries(directory: Path) -> int:
+    """How many values (keys) the directory's files hold."""
+    read = MmapedDict.read_all_values_from_file
+    return sum(len(list(read(str(path)))) for path in directory.glob("*.db"))
+
+
+def fast(directory: Path, openmetrics: bool = False) -> str:
+    encoder = openmetrics_exposition.generate_latest if openmetrics else generate_latest
+    return worker_files.render_directory(str(directory), encoder, openmetrics).decode()
+
+
+def collector(directory: Path, openmetrics: bool = False) -> str:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    encoder = openmetrics_exposition.generate_latest if openmetrics else generate_latest
+    return encoder(registry).decode()
+
+
+def samples(text: str, openmetrics: bool = False) -> Samples:
+    """Every sample of one exposition; a repeated sample fails (as Prometheus refuses it)."""
+    parse = (
+        openmetrics_parser.text_string_to_metric_families
+        if openmetrics
+        else text_string_to_metric_families
+    )
+    found: Samples = {}
+    for family in parse(text):
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in found, f"{key} twice"
+            found[key] = sample.value
+    return found
+
+
+def families(text: str) -> set[tuple[str, str]]:
+    """Names and types of the families with samples (bgtrace writes the others' headers too,
+    as in one process; prometheus_client leaves them out)."""
+    parsed = openmetrics_parser.text_string_to_metric_families(text)
+    return {(f.name, f.type) for f in parsed if f.samples}
+
+
+def assert_same_as_prometheus_client(directory: Path) -> Samples:
+    """Both formats: bgtrace's reader and ``MultiProcessCollector`` give the same samples."""
+    text = fast(directory)
+    assert samples(text) == samples(collector(directory))
+    openmetrics = fast(directory, openmetrics=True)
+    assert openmetrics.endswith("# EOF\n") and openmetrics.count("# EOF") == 1
+    assert samples(openmetrics, True) == samples(collector(directory, True), True)
+    assert families(openmetrics) == families(collector(directory, True))
+    return samples(text)
+
+
+def bgtrace_value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+LABELS = {"origin": "handler", "route": "/orders/{id}"}
+
+
+def test_two_workers_add_up_as_prometheus_client_adds_them(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_worker(directory, "app.mail,app.audit", rounds=2)
+    run_worker(directory, "app.mail,app.report", rounds=3)
+    summed: list[str] = []
+    original = worker_files._accumulate
+
+    def accumulate(metrics: dict[str, Any], accumulate: bool) -> Any:
+        summed.extend(metrics)
+        return original(metrics, accumulate)
+
+    monkeypatch.setattr(worker_files, "_accumulate", accumulate)
+
+    found = assert_same_as_prometheus_client(directory)
+
+    # The shared task's values are the sum of both workers: 4 queued per round, 2 + 3 rounds.
+    assert bgtrace_value(found, "bgtask_enqueued_total", task="app.mail", **LABELS) == 20
+    assert bgtrace_value(found, "bgtask_queue_length", task="app.mail", **LABELS) == 5
+    assert bgtrace_value(found, "shop_bgtask_enqueued_total", task="shop.bill", origin="handler",
+                         route="/pay") == 5  # fmt: skip
+    # bgtrace's families never went through prometheus_client's summing; the app's did.
+    assert summed and not [name for name in summed if "bgtask" in name]
+    assert {"app_logins", "app_upload_seconds", "app_pool_max"} <= set(summed)
+
+
+def test_a_later_scrape_reads_only_the_keys_added_since(
+    directory: Path, keys_read: list[str]
+) -> None:
+    run_worker(directory, "app.mail")
+    assert_same_as_prometheus_client(directory)
+    first = entries(directory)
+    assert len(keys_read) == first  # every key of the worker's files, once
+    keys_read.clear()
+    assert_same_as_prometheus_client(directory)
+    assert keys_read == []
+
+    # A second worker: only its keys are read.
+    run_worker(directory, "app.report")
+    assert_same_as_prometheus_client(directory)
+    assert len(keys_read) == entries(directory) - first
+    assert all('"app.mail"' not in key for key in keys_read if "bgtask" in key)
+
+    # A file that outgrows its first size is doubled by its writer: read past the old end.
+    keys_read.clear()
+    counter_file = next(directory.glob("counter_*.db"))
+    size = counter_file.stat().st_size
+    written = MmapedDict(str(counter_file))  # type: ignore[no-untyped-call]
+    for n in range(800):
+        key = json.dumps(["app_extra", "app_extra_total", {"n": str(n)}, "Extra."])
+        written.write_value(key, 1.0, 0.0)  # type: ignore[no-untyped-call]
+    written.close()  # type: ignore[no-untyped-call]
+    assert counter_file.stat().st_size > size
+    found = assert_same_as_prometheus_client(directory)
+    assert len(keys_read) == 800
+    assert sum(v for (name, _), v in found.items() if name == "app_extra_total") == 800
+
+
+def test_a_dead_workers_gauges_leave_the_sum(directory: Path) -> None:
+    run_worker(directory, "app.mail", rounds=2)
+    assert_same_as_prometheus_client(directory)
+    pid = run_worker(directory, "app.mail", rounds=3)
+
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    found = assert_same_as_prometheus_client(directory)
+    # One task left queued per round: the live worker's 2. The counters keep both workers'.
+    assert bgtrace_value(found, "bgtask_queue_length", task="app.mail", **LABELS) == 2
+    assert bgtrace_value(found, "bgtask_enqueued_total", task="app.mail", **LABELS) == 20
+
+
+def test_files_made_anew_are_read_anew(directory: Path) -> None:
+    run_worker(directory, "app.mail")
+    assert_same_as_prometheus_client(directory)
+    for path in directory.iterdir():
+        path.unlink()
+    run_worker(directory, "app.report")
+    found = assert_same_as_prometheus_client(directory)
+    assert not [labels for (_, labels) in found if ("task", "app.mail") in labels]
+
+
+def test_what_the_reader_does_not_add_up_is_read_the_slow_way_for_good(
+    directory: Path, keys_read: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run_worker(directory, "app.mail")
+    # bgtrace's gauge name and help, in another gauge mode: only prometheus_client knows
+    # how to add that up.
+    odd = MmapedDict(str(directory / "gauge_max_4242.db"))  # type: ignore[no-untyped-call]
+    key = json.dumps(
+        ["bgtask_in_progress", "bgtask_in_progress",
+         {"origin": "handler", "route": "/x", "task": "t"}, "Background tasks running now."],
+        sort_keys=True,
+    )  # fmt: skip
+    odd.write_value(key, 7.0, 0.0)  # type: ignore[no-untyped-call]
+    odd.close()  # type: ignore[no-untyped-call]
+
+    with caplog.at_level(logging.WARNING, logger="bgtrace"):
+        assert fast(directory) == collector(directory)
+        keys_read.clear()
+        assert fast(directory, openmetrics=True) == collector(directory, openmetrics=True)
+    assert keys_read == []  # not tried again
+    warnings = [r for r in caplog.records if "MultiProcessCollector" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_an_error_in_the_reader_is_logged_and_the_scrape_still_answered(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bgtrace import logs
+
+    monkeypatch.setattr(logs, "_reported", set())
+    run_worker(directory, "app.mail")
+
+    def broken(metrics: dict[str, Any], accumulate: bool) -> Any:
+        raise RuntimeError("prometheus_client changed")
+
+    monkeypatch.setattr(worker_files, "_accumulate", broken)
+    with caplog.at_level(logging.ERROR, logger="bgtrace"):
+        assert fast(directory) == collector(directory)
+    assert any("multiprocess read" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    monkeypatch.setattr(worker_files, "_unfit", set())
+    # Tried again at the next scrape.
+    assert_same_as_prometheus_client(directory)
+    assert worker_files._reader is not None
+
+
+def test_a_directory_that_is_not_there_is_an_error_as_in_prometheus_client(
+    directory: Path,
+) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        fast(directory / "missing")
+
+
+def test_a_child_forked_during_a_scrape_can_scrape(directory: Path) -> None:
+    run_worker(directory, "app.mail")
+    expected = samples(collector(directory))
+    holding, release = threading.Event(), threading.Event()
+
+    def scrape_slowly() -> None:
+        # A scrape in another thread holds the reader at the moment of the fork.
+        with worker_files._reader_lock:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=scrape_slowly)
+    holder.start()
+    holding.wait(10)
+    check: Callable[[], bool] = lambda: samples(fast(directory)) == expected  # noqa: E731
+    try:
+        assert in_forked_child(check)
+    finally:
+        release.set()
+        holder.join(10)
