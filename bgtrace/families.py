@@ -162,20 +162,19 @@ def _les(bounds: tuple[float, ...]) -> list[str]:
 # --- the text formats, written directly ----------------------------------------------------
 
 
-def render(values: LocalValues, openmetrics: bool) -> list[str]:
+def render(values: LocalValues, openmetrics: bool) -> list[bytes]:
     """Every family in Prometheus text format 0.0.4, or OpenMetrics 1.0 (without ``# EOF``),
-    in pieces: the caller encodes them one by one into the body, so that no second copy of
-    the whole text is made."""
+    in encoded pieces, for the caller to join into the body."""
     series = list(values.series)
     post_response = list(values.post_response.items())
     ns = values.namespace
-    out: list[str] = []
+    out: list[bytes] = []
 
     def counter(family: Family, lines: list[str]) -> None:
         name = full_name(ns, family)
         header = name if openmetrics else f"{name}_total"
-        out.append(f"# HELP {header} {_help(family)}\n# TYPE {header} counter\n")
-        out.extend(lines)
+        out.append(f"# HELP {header} {_help(family)}\n# TYPE {header} counter\n".encode())
+        out.append("".join(lines).encode())
 
     name = full_name(ns, ENQUEUED) + "_total"
     counter(ENQUEUED, [f"{name}{{{s.text}}} {s.enqueued}.0\n" for s in series])
@@ -214,46 +213,50 @@ def render(values: LocalValues, openmetrics: bool) -> list[str]:
             ns,
             family,
             values.bounds,
-            [(s.text, getattr(s, attr)) for s in series],
+            [(s.text.encode(), getattr(s, attr)) for s in series],
             openmetrics,
         )
     for family in (QUEUE_LENGTH, IN_PROGRESS):
         name = full_name(ns, family)
-        out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} gauge\n")
+        out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} gauge\n".encode())
         if family is QUEUE_LENGTH:
-            out.extend([f"{name}{{{s.text}}} {s.queue_length}.0\n" for s in series])
+            lines = [f"{name}{{{s.text}}} {s.queue_length}.0\n" for s in series]
         else:
-            out.extend([f"{name}{{{s.text}}} {s.in_progress}.0\n" for s in series])
+            lines = [f"{name}{{{s.text}}} {s.in_progress}.0\n" for s in series]
+        out.append("".join(lines).encode())
     _histogram(
         out,
         ns,
         POST_RESPONSE,
         values.bounds,
-        [(f'route="{escape(route)}"', histogram) for route, histogram in post_response],
+        [(f'route="{escape(route)}"'.encode(), h) for route, h in post_response],
         openmetrics,
     )
     return out
 
 
 def _histogram(
-    out: list[str],
+    out: list[bytes],
     namespace: str,
     family: Family,
     bounds: tuple[float, ...],
-    members: list[tuple[str, LocalHistogram]],
+    members: list[tuple[bytes, LocalHistogram]],
     openmetrics: bool,
 ) -> None:
     name = full_name(namespace, family)
-    out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} histogram\n")
+    out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} histogram\n".encode())
     # One template per family: the label set is put in once per series by replace(), and the
-    # numbers by a single %-format. Names are checked against _NAME, so they hold no "%".
-    # Counts are written as prometheus_client writes them, as floats.
+    # numbers by a single %-format, in bytes (most of the body: no encoding pass after). Names
+    # are checked against _NAME, so they hold no "%". Counts are written as prometheus_client
+    # writes them, as floats.
     les = _les(bounds)
     tail = [f"{name}_count{{\0}} %d.0\n", f"{name}_sum{{\0}} %r\n"]
-    template = "".join([f'{name}_bucket{{le="{le}",\0}} %d.0\n' for le in les] + tail)
+    template = "".join([f'{name}_bucket{{le="{le}",\0}} %d.0\n' for le in les] + tail).encode()
     # OpenMetrics with exemplars: one more %s per bucket line, empty where it has none.
-    with_exemplars = "".join([f'{name}_bucket{{le="{le}",\0}} %d.0%s\n' for le in les] + tail)
-    slots: list[object] = [0, ""] * len(les)
+    with_exemplars = "".join(
+        [f'{name}_bucket{{le="{le}",\0}} %d.0%s\n' for le in les] + tail
+    ).encode()
+    slots: list[object] = [0, b""] * len(les)
     append = out.append
     for text, histogram in members:
         cumulative = [*accumulate(histogram.counts)]
@@ -267,18 +270,19 @@ def _histogram(
             for index, exemplar in enumerate(list(exemplars)):
                 if exemplar is not None:
                     trace_id, value, at = exemplar
-                    values[2 * index + 1] = f' # {{trace_id="{trace_id}"}} {value!r} {at!r}'
+                    values[2 * index + 1] = (
+                        f' # {{trace_id="{trace_id}"}} {value!r} {at!r}'.encode()
+                    )
             chunk = with_exemplars % (*values, cumulative[-1], histogram.sum)
-        append(chunk.replace("\0", text))
+        append(chunk.replace(b"\0", text))
 
 
-def join_encoded(rest: bytes, pieces: list[str], openmetrics: bool) -> bytes:
+def join_encoded(rest: bytes, pieces: list[bytes], openmetrics: bool) -> bytes:
     """An encoder's output with bgtrace's families (``render``) after it, and one ``# EOF``."""
     end = b""
     if openmetrics and rest.endswith(_EOF):
         rest, end = rest[: -len(_EOF)], _EOF
-    # Encoded piece by piece: no second copy of the whole text.
-    return b"".join([rest, *[piece.encode() for piece in pieces], end])
+    return b"".join([rest, *pieces, end])
 
 
 _EOF = b"# EOF\n"

@@ -174,7 +174,7 @@ class TaskMetrics:
             dict(self._local_post_response),
         )
 
-    def render(self, openmetrics: bool) -> list[str]:
+    def render(self, openmetrics: bool) -> list[bytes]:
         return render(self.values(), openmetrics)
 
     def post_response_for(self, route: str) -> LocalHistogram:

@@ -77,7 +77,7 @@ class _Series:
 
     __slots__ = (
         "completed", "drops", "duration", "enqueued", "failures", "files", "in_progress",
-        "queue_length", "queue_wait", "values",
+        "queue_length", "queue_wait", "scalars", "values",
     )  # fmt: skip
 
     def __init__(self, labels: tuple[str, str, str], lock: threading.RLock) -> None:
@@ -88,6 +88,9 @@ class _Series:
         self.queue_wait = _Histogram(lock)
         self.duration = _Histogram(lock)
         self.files = 0
+        # Reads enqueued, queue_length, in_progress and the completed counts in one call;
+        # made again when a slot of them is made.
+        self.scalars: Callable[[list[float]], tuple[float, ...]] | None = None
         self.values = LocalSeries(labels, (), lock)
         # Rendered from the histograms filled here.
         self.values.queue_wait = self.queue_wait.values
@@ -321,6 +324,7 @@ class WorkerFiles:
         expected = metric_name + "_total" if family.type == "counter" else metric_name
         if name != expected:
             return None
+        series.scalars = None  # (failures and drops are read apart: rare, and dropped if 0)
         if family.type == "gauge":
             if family is QUEUE_LENGTH:
                 slot = series.queue_length = self._fresh(series.queue_length)
@@ -400,8 +404,7 @@ def _reorder(ns: _Namespace) -> None:
 
 def _fill(histogram: _Histogram, sums: list[float]) -> LocalHistogram:
     values = histogram.values
-    # Counts are whole numbers held as floats: rendered with %d, they print as integers.
-    values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+    values.counts = histogram.order(sums)  # type: ignore[assignment]
     values.sum = sums[histogram.sum]
     return values
 
@@ -414,20 +417,26 @@ def _values(ns: _Namespace, sums: list[float]) -> LocalValues | None:
         if not one.files:
             continue
         values = one.values
-        values.enqueued = int(sums[one.enqueued])
-        values.queue_length = int(sums[one.queue_length])
-        values.in_progress = int(sums[one.in_progress])
-        values.completed = {k: int(sums[slot]) for k, slot in one.completed.items()}
+        scalars = one.scalars
+        if scalars is None:
+            slots = [one.enqueued, one.queue_length, one.in_progress, *one.completed.values()]
+            scalars = one.scalars = _slots_getter(slots)
+        read = scalars(sums)
+        values.enqueued = int(read[0])
+        values.queue_length = int(read[1])
+        values.in_progress = int(read[2])
+        values.completed = dict(zip(one.completed, map(int, read[3:]), strict=True))
         # A failure or drop exists in a file once counted: a zero is a dead worker's file gone.
         if one.failures:
             values.failures = {k: n for k, slot in one.failures.items() if (n := int(sums[slot]))}
         if one.drops:
             values.drops = {k: n for k, slot in one.drops.items() if (n := int(sums[slot]))}
+        # Counts are whole numbers held as floats: rendered with %d, they print as integers.
         histogram = one.queue_wait
-        histogram.values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+        histogram.values.counts = histogram.order(sums)  # type: ignore[assignment]
         histogram.values.sum = sums[histogram.sum]
         histogram = one.duration
-        histogram.values.counts = list(histogram.order(sums))  # type: ignore[arg-type]
+        histogram.values.counts = histogram.order(sums)  # type: ignore[assignment]
         histogram.values.sum = sums[histogram.sum]
         series.append(values)
     post = {route: _fill(h, sums) for route, h in ns.post_response.items() if h.files}
@@ -477,7 +486,7 @@ def render_directory(directory: str, encoder: Callable[[Any], bytes], openmetric
     return join_encoded(encoder(_Collected(merged)), pieces, openmetrics)
 
 
-def _read(directory: str, openmetrics: bool) -> tuple[list[str], list[Any]] | None:
+def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | None:
     """bgtrace's families rendered, and the other metrics; ``None``: read it the slow way."""
     global _reader
     # One scrape at a time: the reader's values are rendered in place.

@@ -194,20 +194,27 @@ def test_a_dead_workers_gauges_leave_the_sum(directory: Path) -> None:
     run_worker(directory, "app.mail", rounds=2)
     assert_same_as_prometheus_client(directory)
     pid = run_worker(directory, "app.mail", rounds=3)
+    assert_same_as_prometheus_client(directory)
 
     mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     found = assert_same_as_prometheus_client(directory)
+    # Its removed files are let go: a file still mapped keeps its space (often memory).
+    assert f"_{pid}.db (deleted)" not in Path("/proc/self/maps").read_text()
     # One task left queued per round: the live worker's 2. The counters keep both workers'.
     assert bgtrace_value(found, "bgtask_queue_length", task="app.mail", **LABELS) == 2
     assert bgtrace_value(found, "bgtask_enqueued_total", task="app.mail", **LABELS) == 20
 
 
-def test_files_made_anew_are_read_anew(directory: Path) -> None:
-    run_worker(directory, "app.mail")
+def test_a_file_made_anew_under_a_known_name_is_read_anew(directory: Path) -> None:
+    pid = run_worker(directory, "app.mail")
     assert_same_as_prometheus_client(directory)
     for path in directory.iterdir():
         path.unlink()
-    run_worker(directory, "app.report")
+    # Another worker's files under the first one's names (a pid used again): other keys at
+    # the places the reader kept.
+    other = run_worker(directory, "app.report,app.audit")
+    for path in directory.iterdir():
+        path.rename(directory / path.name.replace(f"_{other}.db", f"_{pid}.db"))
     found = assert_same_as_prometheus_client(directory)
     assert not [labels for (_, labels) in found if ("task", "app.mail") in labels]
 
