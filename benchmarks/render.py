@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from rss import clear_peak_rss, peak_rss_bytes, rss_bytes
 
 from bgtrace.accumulators import exemplar
-from bgtrace.exposition import _render
+from bgtrace.exposition import GZIP_LEVEL, _render
 from bgtrace.metrics import TaskMetrics, task_metrics
 
 TASKS, ROUTES = 50, 20
@@ -88,7 +88,7 @@ def measure(quick: bool) -> dict[str, Any]:
     om_ms, om_bytes = timed(openmetrics, repeats)
     body = text()
     start = time.perf_counter()
-    compressed = gzip.compress(body, compresslevel=6)
+    compressed = gzip.compress(body, compresslevel=GZIP_LEVEL)
     gzip_ms = (time.perf_counter() - start) * 1e3
     # The same registry through prometheus_client's own encoder, which builds its sample
     # objects from bgtrace's collector: what another exporter of this registry pays.
