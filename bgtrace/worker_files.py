@@ -5,7 +5,8 @@ prometheus_client's ``MultiProcessCollector`` reads every file whole at each scr
 the JSON key of every value and makes a sample object of each: seconds for bgtrace's thousands
 of series (a histogram is 18 values, each with its key). Its files only grow, and a value never
 moves once written, so ``WorkerFiles`` reads each key once and keeps where its value lies; a
-later scrape reads the values at those places and only the keys added since. bgtrace's families
+later scrape maps the files again and reads the values at those places and only the keys added
+since. bgtrace's families
 are added up into the structures one process renders from (``families.render``). Whatever else
 is in the directory (the app's own metrics) goes, from the kept keys, through
 prometheus_client's own summing, so it comes out as ``MultiProcessCollector`` gives it.
@@ -114,10 +115,10 @@ _Other = tuple[str, str, tuple[tuple[str, str], ...], str, str, str, str, int]
 
 
 class _File:
-    """One worker file: kept mapped, so its inode stays taken while the key places are kept."""
+    """What is kept of one worker file between scrapes: where its values lie."""
 
-    __slots__ = ("identity", "indexes", "map", "mode", "other", "parsed", "pid", "read",
-                 "runs", "seen", "slots", "type")  # fmt: skip
+    __slots__ = ("first", "identity", "indexes", "les", "mode", "other", "parsed", "pid",
+                 "read", "runs", "seen", "slots", "type")  # fmt: skip
 
     def __init__(self, identity: tuple[int, int], name: str) -> None:
         parts = name.split("_")
@@ -125,7 +126,9 @@ class _File:
         self.type = parts[0]
         self.mode = parts[1] if self.type == "gauge" else ""
         self.pid = parts[2][:-3] if self.type == "gauge" else ""
-        self.map: mmap.mmap | None = None
+        # The first entry as read: a file made anew under the same name and inode number (a
+        # pid used again, its inode freed) starts otherwise, and is read anew.
+        self.first = b""
         self.parsed = _FIRST_ENTRY
         self.indexes: list[int] = []  # where bgtrace's values lie, in doubles
         self.slots: list[int] = []  # and which sum each goes to
@@ -137,11 +140,10 @@ class _File:
         self.runs: list[tuple[int, int, int, bool]] = []
         self.other: list[_Other] = []
         self.seen: set[_Series | _Histogram] = set()
+        self.les: dict[str, set[str]] = {}  # per namespace, the bucket bounds in this file
 
-    def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+    def same_start(self, data: mmap.mmap) -> bool:
+        return data[_FIRST_ENTRY : _FIRST_ENTRY + len(self.first)] == self.first
 
 
 def _slots_getter(indexes: list[int]) -> Callable[[Any], tuple[float, ...]]:
@@ -166,68 +168,88 @@ class WorkerFiles:
         self._fast_names: set[str] = set()
         self._other_names: set[str] = set()
         self._lock = threading.RLock()  # the LocalSeries' lock: rendering never takes it
+        # (file, namespace) seen with part of the namespace's buckets at the last scrape.
+        self._partial: set[tuple[str, str]] = set()
 
-    def close(self) -> None:
-        for file in self._files.values():
-            file.close()
-        self._files.clear()
-
-    def collect(self) -> tuple[list[LocalValues], list[Any]]:
-        """bgtrace's values per namespace, and prometheus_client metrics of everything else."""
-        files = self._update()
-        sums = [0.0] * len(self._holders)
-        others: dict[str, Any] = {}
-        for file in files:
-            assert file.map is not None
-            size = len(file.map) // _DOUBLE * _DOUBLE
-            # Released before the map can be closed (a map with views on it cannot be).
-            with memoryview(file.map) as raw, raw[:size].cast("d") as doubles:
-                values = file.read(doubles)
-                for first, end, start, alone in file.runs:
-                    part = values[start : start + end - first]
-                    sums[first:end] = part if alone else map(add, sums[first:end], part)
-                if file.other:
-                    _add_others(others, file.other, doubles)
+    def collect(self) -> tuple[list[LocalValues], list[Any]] | None:
+        """bgtrace's values per namespace, and prometheus_client metrics of everything else;
+        ``None`` when this scrape is better read by prometheus_client (see ``_check_buckets``).
+        """
+        opened, changed = self._update()
+        try:
+            if not self._check_buckets(changed):
+                return None
+            sums = [0.0] * len(self._holders)
+            others: dict[str, Any] = {}
+            for file, data in opened:
+                size = len(data) // _DOUBLE * _DOUBLE
+                # Released before the map is closed (a map with views on it cannot be).
+                with memoryview(data) as raw, raw[:size].cast("d") as doubles:
+                    values = file.read(doubles)
+                    for first, end, start, alone in file.runs:
+                        part = values[start : start + end - first]
+                        sums[first:end] = part if alone else map(add, sums[first:end], part)
+                    if file.other:
+                        _add_others(others, file.other, doubles)
+        finally:
+            for _, data in opened:
+                data.close()
         # prometheus_client's own summing (per gauge mode, buckets made cumulative).
         merged = list(_accumulate(others, True)) if others else []
         own = [_values(ns, sums) for ns in self._namespaces.values()]
         return [values for values in own if values is not None], merged
 
-    def _update(self) -> list[_File]:
-        """Bring the kept files in line with the directory: new keys read, gone files let go."""
+    def _update(self) -> tuple[list[tuple[_File, mmap.mmap]], bool]:
+        """Every file of the directory, mapped for this scrape (the caller closes the maps),
+        its new keys read; files gone are let go; and whether any of that changed what is kept.
+        Nothing stays open between scrapes: a worker's files outlive it, and workers come and
+        go (a kept map holds a file descriptor)."""
         paths = sorted(glob.glob(os.path.join(self.directory, "*.db")))
-        files = []
-        for path in paths:
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:  # removed since the listing (a dead worker's gauges)
-                continue
-            identity = (stat.st_dev, stat.st_ino)
-            file = self._files.get(path)
-            if file is not None and file.identity != identity:
-                self._forget(path)
-                file = None
-            if file is None:
-                file = self._files[path] = _File(identity, os.path.basename(path))
-            if stat.st_size < _FIRST_ENTRY:
-                continue  # just made by its writer, not yet sized
-            if file.map is None or len(file.map) != stat.st_size:
-                # The writer doubles a full file: map it anew to see the new part.
-                file.close()
-                with open(path, "rb") as handle:
-                    file.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            self._read_keys(file)
-            files.append(file)
+        opened: list[tuple[_File, mmap.mmap]] = []
+        try:
+            for path in paths:
+                found = self._open(path)
+                if found is not None:
+                    opened.append(found)
+        except BaseException:
+            for _, data in opened:
+                data.close()
+            raise
         for path in set(self._files) - set(paths):
             self._forget(path)
         for ns in self._namespaces.values():
             if ns.reorder:
                 _reorder(ns)
-        if self._replan:
-            for file in files:
+        changed = self._replan
+        if changed:
+            for file, _ in opened:
                 _plan_reads(file, self._holders)
             self._replan = False
-        return files
+        return opened, changed
+
+    def _open(self, path: str) -> tuple[_File, mmap.mmap] | None:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed right after mapping
+        except FileNotFoundError:  # removed since the listing (a dead worker's gauges)
+            return None
+        with handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_size < _FIRST_ENTRY:
+                return None  # just made by its writer, not yet sized
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            identity = (stat.st_dev, stat.st_ino)
+            file = self._files.get(path)
+            if file is not None and (file.identity != identity or not file.same_start(data)):
+                self._forget(path)
+                file = None
+            if file is None:
+                file = self._files[path] = _File(identity, os.path.basename(path))
+            self._read_keys(file, data)
+        except BaseException:
+            data.close()
+            raise
+        return file, data
 
     def _forget(self, path: str) -> None:
         file = self._files.pop(path)
@@ -235,31 +257,53 @@ class WorkerFiles:
             target.files -= 1
         for slot in file.slots:
             self._holders[slot] -= 1
+        self._partial = {seen for seen in self._partial if seen[0] != path}
         self._replan = True
-        file.close()
 
-    def _read_keys(self, file: _File) -> None:
+    def _read_keys(self, file: _File, data: mmap.mmap) -> None:
         """Read the keys written to ``file`` since the last scrape."""
-        data = file.map
-        assert data is not None
         (used,) = _USED.unpack_from(data, 0)
-        if used > len(data):
-            raise Unfit(f"a file claims more bytes than it has ({used} > {len(data)})")
+        # Up to what this map holds (the writer may have grown the file since it was mapped);
+        # an entry not wholly there yet is read at the next scrape.
+        end = min(used, len(data))
         position = file.parsed
         added = False
-        while position < used:
+        while position + 4 <= end:
             (length,) = _USED.unpack_from(data, position)
-            if length <= 0 or position + 4 + length > used:
-                raise Unfit("a damaged entry in a multiprocess file")
+            value_at = position + 4 + length + (8 - (length + 4) % 8)
+            if length <= 0 or value_at + 16 > end:
+                break
             key = data[position + 4 : position + 4 + length].decode("utf-8")
             # Keys are padded so that the value after them starts at a multiple of 8.
-            value_at = position + 4 + length + (8 - (length + 4) % 8)
             self._place(file, key, value_at // _DOUBLE)
+            if position == _FIRST_ENTRY:
+                file.first = data[position:value_at]
             position = value_at + 16  # the value and its timestamp
             added = True
         file.parsed = position
         if added:
             self._replan = True
+
+    def _check_buckets(self, changed: bool) -> bool:
+        """Whether every file holds the same bucket bounds for each namespace.
+
+        A writer makes a histogram's values one by one: a scrape in between can see part of
+        a file's first histogram, and is read by prometheus_client this once. A file seen so
+        twice has other buckets than the other files (workers of two releases, say): only
+        prometheus_client adds that up, as each histogram's own buckets.
+        """
+        if not self._partial and not changed:
+            return True
+        partial = {
+            (path, name)
+            for path, file in self._files.items()
+            for name, les in file.les.items()
+            if len(les) != len(self._namespaces[name].les) + 1
+        }
+        if partial & self._partial:
+            raise Unfit("workers with different histogram buckets under one name")
+        self._partial = partial
+        return not partial
 
     def _place(self, file: _File, key: str, index: int) -> None:
         metric_name, name, labels, help_text = json.loads(key)
@@ -309,7 +353,8 @@ class WorkerFiles:
             histogram = ns.post_response.get(route)
             if histogram is None:
                 histogram = ns.post_response[route] = _Histogram(self._lock)
-            return self._histogram_slot(ns, histogram, metric_name, name, le)
+                ns.reorder = True  # its buckets may all be in files not read yet
+            return self._histogram_slot(file, ns, histogram, metric_name, name, le)
         extra = _EXTRA_LABEL.get(family)
         value = labels.pop(extra, None) if extra is not None else None
         if set(labels) != _TASK_LABELS or (extra is not None and value is None):
@@ -318,9 +363,10 @@ class WorkerFiles:
         series = ns.series.get(triple)
         if series is None:
             series = ns.series[triple] = _Series(triple, self._lock)
+            ns.reorder = True  # its histograms' buckets may all be in files not read yet
         if family.type == "histogram":
             which = series.duration if family is DURATION else series.queue_wait
-            return self._histogram_slot(ns, which, metric_name, name, le)
+            return self._histogram_slot(file, ns, which, metric_name, name, le)
         expected = metric_name + "_total" if family.type == "counter" else metric_name
         if name != expected:
             return None
@@ -345,13 +391,20 @@ class WorkerFiles:
         return slot if slot != _ZERO else self._slot()
 
     def _histogram_slot(
-        self, ns: _Namespace, histogram: _Histogram, metric_name: str, name: str, le: str | None
+        self,
+        file: _File,
+        ns: _Namespace,
+        histogram: _Histogram,
+        metric_name: str,
+        name: str,
+        le: str | None,
     ) -> tuple[_Histogram, int] | None:
         if name == metric_name + "_sum" and le is None:
             histogram.sum = self._fresh(histogram.sum)
             return histogram, histogram.sum
         if name != metric_name + "_bucket" or le is None:
             return None
+        file.les.setdefault(ns.name, set()).add(le)
         slot = histogram.buckets.get(le)
         if slot is None:
             slot = histogram.buckets[le] = self._slot()
@@ -391,13 +444,17 @@ def _family(metric_name: str) -> Family | None:
     return None
 
 
+def _histograms(ns: _Namespace) -> Iterator[_Histogram]:
+    for series in ns.series.values():
+        yield series.queue_wait
+        yield series.duration
+    yield from ns.post_response.values()
+
+
 def _reorder(ns: _Namespace) -> None:
     """Each histogram's bucket slots in the order of the namespace's bounds."""
     les = [*ns.les, _INF]
-    for series in ns.series.values():
-        for histogram in (series.queue_wait, series.duration):
-            histogram.order = _slots_getter([histogram.buckets.get(le, _ZERO) for le in les])
-    for histogram in ns.post_response.values():
+    for histogram in _histograms(ns):
         histogram.order = _slots_getter([histogram.buckets.get(le, _ZERO) for le in les])
     ns.reorder = False
 
@@ -495,10 +552,11 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
             return None
         try:
             if _reader is None or _reader.directory != directory:
-                if _reader is not None:
-                    _reader.close()
                 _reader = WorkerFiles(directory)
-            own, merged = _reader.collect()
+            collected = _reader.collect()
+            if collected is None:
+                return None
+            own, merged = collected
             return [piece for values in own for piece in render(values, openmetrics)], merged
         except Unfit as unfit:
             logs.logger.warning(
@@ -511,8 +569,6 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
         except Exception:
             # Never a wrong sum: start over at the next scrape, this one the slow way.
             logs.internal_error("multiprocess read")
-        if _reader is not None:
-            _reader.close()
         _reader = None
         return None
 

@@ -3,7 +3,7 @@ updates one metric of each prometheus_client kind, writes them to its multiproce
 (``PROMETHEUS_MULTIPROC_DIR``, set by the test), prints its pid and exits without the exit
 hooks, leaving its files as a worker that is still alive has them.
 
-    python tests/worker_writer.py TASK[,TASK...] ROUNDS
+    python tests/worker_writer.py TASK[,TASK...] ROUNDS [BUCKET,BUCKET...]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from bgtrace.metrics import TaskMetrics
 GAUGE_MODES = ("all", "liveall", "livesum", "sum", "max", "min", "mostrecent")
 
 
-def main(tasks: list[str], rounds: int) -> None:
+def main(tasks: list[str], rounds: int, buckets: tuple[float, ...] = (0.01, 1.0)) -> None:
     registry = CollectorRegistry()
-    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    metrics = TaskMetrics(registry, "", buckets, 200)
     shop = TaskMetrics(registry, "shop", (0.5,), 200)  # a second namespace, other buckets
     for _ in range(rounds):
         for task in tasks:
@@ -53,4 +53,5 @@ def main(tasks: list[str], rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(","), int(sys.argv[2]))
+    bounds = tuple(float(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else (0.01, 1.0)
+    main(sys.argv[1].split(","), int(sys.argv[2]), bounds)
