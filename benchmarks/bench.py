@@ -441,7 +441,7 @@ def _render_md(r: dict[str, Any]) -> list[str]:
          f"{r['openmetrics_ms']:.1f} ms, {r['openmetrics_bytes'] / 1e6:.1f} MB"],
         ["the same registry through prometheus_client's `generate_latest` (other exporters)",
          f"{r['generic_ms']:.0f} ms"],
-        ["gzip of the text body (level 6)",
+        ["gzip of the text body (level 1, as `/metrics` sends it)",
          f"{r['gzip_ms']:.0f} ms, {r['gzip_bytes'] / 1e6:.2f} MB"],
         ["RSS of the populated metrics", f"{r['registry_rss_mib']:.1f} MiB"],
         ["peak RSS growth during one OpenMetrics render", f"{r['render_rss_peak_mib']:.1f} MiB"],
