@@ -117,8 +117,8 @@ _Other = tuple[str, str, tuple[tuple[str, str], ...], str, str, str, str, int]
 class _File:
     """What is kept of one worker file between scrapes: where its values lie."""
 
-    __slots__ = ("first", "identity", "indexes", "les", "mode", "other", "parsed", "pid",
-                 "read", "runs", "seen", "slots", "type")  # fmt: skip
+    __slots__ = ("first", "identity", "indexes", "last", "les", "mode", "other", "parsed",
+                 "pid", "read", "runs", "seen", "slots", "type")  # fmt: skip
 
     def __init__(self, identity: tuple[int, int], name: str) -> None:
         parts = name.split("_")
@@ -126,9 +126,11 @@ class _File:
         self.type = parts[0]
         self.mode = parts[1] if self.type == "gauge" else ""
         self.pid = parts[2][:-3] if self.type == "gauge" else ""
-        # The first entry as read: a file made anew under the same name and inode number (a
-        # pid used again, its inode freed) starts otherwise, and is read anew.
+        # The first and the last entry read (place, bytes): a file made anew under the same
+        # name and inode number (a pid used again, its inode freed) differs in one of them or
+        # is shorter, and is read anew.
         self.first = b""
+        self.last: tuple[int, bytes] = (_FIRST_ENTRY, b"")
         self.parsed = _FIRST_ENTRY
         self.indexes: list[int] = []  # where bgtrace's values lie, in doubles
         self.slots: list[int] = []  # and which sum each goes to
@@ -142,8 +144,15 @@ class _File:
         self.seen: set[_Series | _Histogram] = set()
         self.les: dict[str, set[str]] = {}  # per namespace, the bucket bounds in this file
 
-    def same_start(self, data: mmap.mmap) -> bool:
-        return data[_FIRST_ENTRY : _FIRST_ENTRY + len(self.first)] == self.first
+    def same_file(self, data: mmap.mmap) -> bool:
+        """Whether ``data`` is still the file whose keys were read (files only grow)."""
+        (used,) = _USED.unpack_from(data, 0)
+        place, last = self.last
+        return (
+            used >= self.parsed
+            and data[_FIRST_ENTRY : _FIRST_ENTRY + len(self.first)] == self.first
+            and data[place : place + len(last)] == last
+        )
 
 
 def _slots_getter(indexes: list[int]) -> Callable[[Any], tuple[float, ...]]:
@@ -168,17 +177,12 @@ class WorkerFiles:
         self._fast_names: set[str] = set()
         self._other_names: set[str] = set()
         self._lock = threading.RLock()  # the LocalSeries' lock: rendering never takes it
-        # (file, namespace) seen with part of the namespace's buckets at the last scrape.
-        self._partial: set[tuple[str, str]] = set()
 
-    def collect(self) -> tuple[list[LocalValues], list[Any]] | None:
-        """bgtrace's values per namespace, and prometheus_client metrics of everything else;
-        ``None`` when this scrape is better read by prometheus_client (see ``_check_buckets``).
-        """
+    def collect(self) -> tuple[list[LocalValues], list[Any]]:
+        """bgtrace's values per namespace, and prometheus_client metrics of everything else."""
         opened, changed = self._update()
         try:
-            if not self._check_buckets(changed):
-                return None
+            self._check_buckets(changed)
             sums = [0.0] * len(self._holders)
             others: dict[str, Any] = {}
             for file, data in opened:
@@ -211,21 +215,35 @@ class WorkerFiles:
                 found = self._open(path)
                 if found is not None:
                     opened.append(found)
+            for path in set(self._files) - set(paths):
+                self._forget(path)
+            changed = self._replan
+            if changed:
+                self._bounds_from_files()
+            for ns in self._namespaces.values():
+                if ns.reorder:
+                    _reorder(ns)
+            if changed:
+                for file, _ in opened:
+                    _plan_reads(file, self._holders)
+                self._replan = False
         except BaseException:
             for _, data in opened:
                 data.close()
             raise
-        for path in set(self._files) - set(paths):
-            self._forget(path)
-        for ns in self._namespaces.values():
-            if ns.reorder:
-                _reorder(ns)
-        changed = self._replan
-        if changed:
-            for file, _ in opened:
-                _plan_reads(file, self._holders)
-            self._replan = False
         return opened, changed
+
+    def _bounds_from_files(self) -> None:
+        """Each namespace's bucket bounds: those of the files there are now (files with other
+        bounds may have gone since)."""
+        for ns in self._namespaces.values():
+            les: set[str] = set()
+            for file in self._files.values():
+                les.update(file.les.get(ns.name, ()))
+            les.discard(_INF)
+            if les != set(ns.les):
+                ns.les = sorted(les, key=float)
+                ns.reorder = True
 
     def _open(self, path: str) -> tuple[_File, mmap.mmap] | None:
         try:
@@ -240,7 +258,7 @@ class WorkerFiles:
         try:
             identity = (stat.st_dev, stat.st_ino)
             file = self._files.get(path)
-            if file is not None and (file.identity != identity or not file.same_start(data)):
+            if file is not None and (file.identity != identity or not file.same_file(data)):
                 self._forget(path)
                 file = None
             if file is None:
@@ -257,7 +275,6 @@ class WorkerFiles:
             target.files -= 1
         for slot in file.slots:
             self._holders[slot] -= 1
-        self._partial = {seen for seen in self._partial if seen[0] != path}
         self._replan = True
 
     def _read_keys(self, file: _File, data: mmap.mmap) -> None:
@@ -278,32 +295,28 @@ class WorkerFiles:
             self._place(file, key, value_at // _DOUBLE)
             if position == _FIRST_ENTRY:
                 file.first = data[position:value_at]
+            file.last = (position, data[position:value_at])
             position = value_at + 16  # the value and its timestamp
             added = True
         file.parsed = position
         if added:
             self._replan = True
 
-    def _check_buckets(self, changed: bool) -> bool:
-        """Whether every file holds the same bucket bounds for each namespace.
+    def _check_buckets(self, changed: bool) -> None:
+        """Every file holds the same bucket bounds for each namespace, or some writer is not
+        done with its first histogram yet.
 
-        A writer makes a histogram's values one by one: a scrape in between can see part of
-        a file's first histogram, and is read by prometheus_client this once. A file seen so
-        twice has other buckets than the other files (workers of two releases, say): only
-        prometheus_client adds that up, as each histogram's own buckets.
+        prometheus_client writes a histogram's buckets in order, ``+Inf`` last: a file without
+        ``+Inf`` is still being written (its missing buckets read zero, as they are), while
+        one with ``+Inf`` and fewer bounds than another file has other buckets (workers of
+        two releases, say). Only prometheus_client adds that up, as each histogram's own.
         """
-        if not self._partial and not changed:
-            return True
-        partial = {
-            (path, name)
-            for path, file in self._files.items()
-            for name, les in file.les.items()
-            if len(les) != len(self._namespaces[name].les) + 1
-        }
-        if partial & self._partial:
-            raise Unfit("workers with different histogram buckets under one name")
-        self._partial = partial
-        return not partial
+        if not changed:
+            return
+        for file in self._files.values():
+            for name, les in file.les.items():
+                if _INF in les and len(les) != len(self._namespaces[name].les) + 1:
+                    raise Unfit("workers with different histogram buckets under one name")
 
     def _place(self, file: _File, key: str, index: int) -> None:
         metric_name, name, labels, help_text = json.loads(key)
@@ -366,7 +379,9 @@ class WorkerFiles:
             ns.reorder = True  # its histograms' buckets may all be in files not read yet
         if family.type == "histogram":
             which = series.duration if family is DURATION else series.queue_wait
-            return self._histogram_slot(file, ns, which, metric_name, name, le)
+            found = self._histogram_slot(file, ns, which, metric_name, name, le)
+            # The series is what a file holds (and it is rendered while any file does).
+            return None if found is None else (series, found[1])
         expected = metric_name + "_total" if family.type == "counter" else metric_name
         if name != expected:
             return None
@@ -553,10 +568,7 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
         try:
             if _reader is None or _reader.directory != directory:
                 _reader = WorkerFiles(directory)
-            collected = _reader.collect()
-            if collected is None:
-                return None
-            own, merged = collected
+            own, merged = _reader.collect()
             return [piece for values in own for piece in render(values, openmetrics)], merged
         except Unfit as unfit:
             logs.logger.warning(
