@@ -2,8 +2,8 @@
 
 The values are bgtrace's own (``accumulators``) in every mode. In a single process they are
 exposed through a collector registered in the registry; in multiprocess mode they are copied
-into prometheus_client metrics (``multiprocess.FileValues``), whose per-process files
-``MultiProcessCollector`` adds up.
+into prometheus_client metrics (``multiprocess.FileValues``), whose per-process files are
+added up at each scrape (``worker_files``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ A task updates bgtrace's own values (``accumulators``) in every mode: a promethe
 in this mode is a locked write to a memory-mapped file, and a task would make eight of them.
 ``FileValues`` copies what changed into prometheus_client's metrics in batches: once a second
 from a thread of bgtrace's own, before this process answers a scrape, and when it ends. The
-files keep prometheus_client's format, so its ``MultiProcessCollector`` (in bgtrace's
-``/metrics`` or anyone else's) adds bgtrace's metrics up with the rest.
+files keep prometheus_client's format, so its ``MultiProcessCollector`` (in anyone's endpoint)
+adds bgtrace's metrics up with the rest; bgtrace's own ``/metrics`` reads them faster
+(``worker_files``).
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ class _Histogram:
         self.buckets: dict[str, int] = {}  # le -> slot
         self.sum = _ZERO
         self.order: Callable[[list[float]], tuple[float, ...]] = _slots_getter([_ZERO])
-        self.files = 0  # how many files hold a value of it
+        # How many files hold a value of it; read for post-response histograms only (a
+        # series' two histograms are counted on the series, ``_Series.files``).
+        self.files = 0
         self.values = LocalHistogram((), lock)
 
 
