@@ -6,10 +6,10 @@ the JSON key of every value and makes a sample object of each: seconds for bgtra
 of series (a histogram is 18 values, each with its key). Its files only grow, and a value never
 moves once written, so ``WorkerFiles`` reads each key once and keeps where its value lies; a
 later scrape maps the files again and reads the values at those places and only the keys added
-since. bgtrace's families
-are added up into the structures one process renders from (``families.render``). Whatever else
-is in the directory (the app's own metrics) goes, from the kept keys, through
-prometheus_client's own summing, so it comes out as ``MultiProcessCollector`` gives it.
+since. bgtrace's families are added up into the structures one process renders from
+(``families.render``). Whatever else is in the directory (the app's own metrics) goes, from
+the kept keys, through prometheus_client's own summing, so it comes out as
+``MultiProcessCollector`` gives it.
 """
 
 from __future__ import annotations
