@@ -478,6 +478,7 @@ def _reorder(ns: _Namespace) -> None:
 
 def _fill(histogram: _Histogram, sums: list[float]) -> LocalHistogram:
     values = histogram.values
+    # Counts are whole numbers held as floats: rendered with %d, they print as integers.
     values.counts = histogram.order(sums)  # type: ignore[assignment]
     values.sum = sums[histogram.sum]
     return values
@@ -505,13 +506,8 @@ def _values(ns: _Namespace, sums: list[float]) -> LocalValues | None:
             values.failures = {k: n for k, slot in one.failures.items() if (n := int(sums[slot]))}
         if one.drops:
             values.drops = {k: n for k, slot in one.drops.items() if (n := int(sums[slot]))}
-        # Counts are whole numbers held as floats: rendered with %d, they print as integers.
-        histogram = one.queue_wait
-        histogram.values.counts = histogram.order(sums)  # type: ignore[assignment]
-        histogram.values.sum = sums[histogram.sum]
-        histogram = one.duration
-        histogram.values.counts = histogram.order(sums)  # type: ignore[assignment]
-        histogram.values.sum = sums[histogram.sum]
+        _fill(one.queue_wait, sums)
+        _fill(one.duration, sums)
         series.append(values)
     post = {route: _fill(h, sums) for route, h in ns.post_response.items() if h.files}
     if not series and not post:

@@ -89,15 +89,26 @@ def collector(directory: Path, openmetrics: bool = False) -> str:
     return encoder(registry).decode()
 
 
+def parse(text: str, openmetrics: bool) -> Any:
+    if openmetrics:
+        return openmetrics_parser.text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
+    return text_string_to_metric_families(text)
+
+
+def write_extra_keys(path: Path, count: int) -> None:
+    """``count`` new counter values in ``path``, as its worker would write them (a file that
+    outgrows its size is doubled by its writer)."""
+    written = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    for n in range(count):
+        key = json.dumps(["app_extra", "app_extra_total", {"n": str(n)}, "Extra."])
+        written.write_value(key, 1.0, 0.0)  # type: ignore[no-untyped-call]
+    written.close()  # type: ignore[no-untyped-call]
+
+
 def samples(text: str, openmetrics: bool = False) -> Samples:
     """Every sample of one exposition; a repeated sample fails (as Prometheus refuses it)."""
-    parse = (
-        openmetrics_parser.text_string_to_metric_families
-        if openmetrics
-        else text_string_to_metric_families
-    )
     found: Samples = {}
-    for family in parse(text):
+    for family in parse(text, openmetrics):
         for sample in family.samples:
             key = (sample.name, frozenset(sample.labels.items()))
             assert key not in found, f"{key} twice"
@@ -108,12 +119,7 @@ def samples(text: str, openmetrics: bool = False) -> Samples:
 def families(text: str, openmetrics: bool = False) -> set[tuple[str, str]]:
     """Names and types of the families with samples (bgtrace writes the others' headers too,
     as in one process; prometheus_client leaves them out)."""
-    parse = (
-        openmetrics_parser.text_string_to_metric_families
-        if openmetrics
-        else text_string_to_metric_families
-    )
-    return {(f.name, f.type) for f in parse(text) if f.samples}
+    return {(f.name, f.type) for f in parse(text, openmetrics) if f.samples}
 
 
 def assert_same_as_prometheus_client(directory: Path) -> Samples:
@@ -187,11 +193,7 @@ def test_a_later_scrape_reads_only_the_keys_added_since(
     keys_read.clear()
     counter_file = next(directory.glob("counter_*.db"))
     size = counter_file.stat().st_size
-    written = MmapedDict(str(counter_file))  # type: ignore[no-untyped-call]
-    for n in range(800):
-        key = json.dumps(["app_extra", "app_extra_total", {"n": str(n)}, "Extra."])
-        written.write_value(key, 1.0, 0.0)  # type: ignore[no-untyped-call]
-    written.close()  # type: ignore[no-untyped-call]
+    write_extra_keys(counter_file, 800)
     assert counter_file.stat().st_size > size
     found = assert_same_as_prometheus_client(directory)
     assert len(keys_read) == 800
@@ -333,11 +335,7 @@ def test_a_file_that_grows_while_it_is_read_is_read_on_at_the_next_scrape(
         if os.path.samefile(f"/proc/self/fd/{fileno}", counter_file):
             monkeypatch.setattr(worker_files.mmap, "mmap", mapped)  # the mmap module's own
             # The writer doubles the file and goes on writing past this map's end.
-            written = MmapedDict(str(counter_file))  # type: ignore[no-untyped-call]
-            for n in range(800):
-                key = json.dumps(["app_extra", "app_extra_total", {"n": str(n)}, "Extra."])
-                written.write_value(key, 1.0, 0.0)  # type: ignore[no-untyped-call]
-            written.close()  # type: ignore[no-untyped-call]
+            write_extra_keys(counter_file, 800)
         return data
 
     monkeypatch.setattr(worker_files.mmap, "mmap", map_then_grow)

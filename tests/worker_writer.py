@@ -17,9 +17,10 @@ from bgtrace.accumulators import exemplar
 from bgtrace.metrics import TaskMetrics
 
 GAUGE_MODES = ("all", "liveall", "livesum", "sum", "max", "min", "mostrecent")
+BUCKETS = (0.01, 1.0)
 
 
-def main(tasks: list[str], rounds: int, buckets: tuple[float, ...] = (0.01, 1.0)) -> None:
+def main(tasks: list[str], rounds: int, buckets: tuple[float, ...] = BUCKETS) -> None:
     registry = CollectorRegistry()
     metrics = TaskMetrics(registry, "", buckets, 200)
     shop = TaskMetrics(registry, "shop", (0.5,), 200)  # a second namespace, other buckets
@@ -53,5 +54,5 @@ def main(tasks: list[str], rounds: int, buckets: tuple[float, ...] = (0.01, 1.0)
 
 
 if __name__ == "__main__":
-    bounds = tuple(float(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else (0.01, 1.0)
+    bounds = tuple(float(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else BUCKETS
     main(sys.argv[1].split(","), int(sys.argv[2]), bounds)
