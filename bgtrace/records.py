@@ -8,6 +8,7 @@ bgtrace's own bookkeeping is logged and never reaches the app or the task.
 from __future__ import annotations
 
 import asyncio
+import threading
 import types
 import weakref
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
 from starlette import background
 
-from . import logs
+from . import inflight, logs
 from .accumulators import exemplar
 from .config import Config, default_config
 from .metrics import Series
@@ -61,8 +62,8 @@ def is_cancellation(exc: BaseException) -> bool:
 class TaskRecord:
     __slots__ = (
         "__weakref__", "adopted", "config", "dependency", "enqueued_at", "name", "origin",
-        "parent", "qualname", "route", "series", "span", "started_at", "status", "token",
-        "tracing",
+        "parent", "qualname", "route", "series", "span", "started_at", "status", "thread",
+        "token", "tracing", "waiting_at",
     )  # fmt: skip
 
     def __init__(
@@ -92,6 +93,10 @@ class TaskRecord:
         self.span: trace.Span | None = None
         self.adopted = False
         self.token: object = None
+        # The thread the task runs on (the event loop's for an async task), once started.
+        self.thread = 0
+        # Where a stuck task was last seen waiting (``file:line in function``), for the page.
+        self.waiting_at: str | None = None
 
     # A def task starts and ends in its worker thread while the event loop may drop it
     # (cancelled waiting for a thread) or end it (cancelled while the thread runs on): each
@@ -118,10 +123,16 @@ class TaskRecord:
                 # The start time first: a finish from another thread reads it once it sees
                 # RUNNING.
                 self.started_at = now
+                self.thread = threading.get_ident()
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)
         except Exception:
             logs.internal_error("task start metrics")
+        for observer in inflight.observers:
+            try:
+                observer.started(self)
+            except Exception:
+                inflight.observer_failed("started")
         if self.tracing:
             try:
                 self._start_span(now - self.enqueued_at)
@@ -189,8 +200,14 @@ class TaskRecord:
                 series.finished(elapsed, outcome, label, sample)
             except Exception:
                 failed = True
+        inflight.discard(self)
         if failed:
             logs.internal_error("task end metrics")
+        for observer in inflight.observers:
+            try:
+                observer.finished(self, elapsed, outcome, etype, exc)
+            except Exception:
+                inflight.observer_failed("finished")
         if span is not None:
             self._end_span(span, exc, etype, same_thread)
         if etype is not None:
@@ -220,6 +237,12 @@ class TaskRecord:
                 self.series.dropped(reason)
         except Exception:
             logs.internal_error("task drop metrics")
+        inflight.discard(self)
+        for observer in inflight.observers:
+            try:
+                observer.dropped(self, reason)
+            except Exception:
+                inflight.observer_failed("dropped")
 
 
 def sampled_trace_id(span: trace.Span) -> str | None:
@@ -279,6 +302,12 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
     )
     with series.lock:
         series.queued()
+    inflight.add(record)
+    for observer in inflight.observers:
+        try:
+            observer.queued(record, task)
+        except Exception:
+            inflight.observer_failed("queued")
     if register:
         if live and state is not None:
             state.records.append(record)
