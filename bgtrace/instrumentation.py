@@ -36,6 +36,9 @@ _installed: tuple[tuple[type, str, Any], ...] = ()
 _originals: dict[tuple[type, str], Any] = {}
 _wrappers: dict[tuple[type, str], Any] = {}
 _enabled = False
+# bgtrace.testing's hold mode: told of each task about to run; ``True`` keeps it from running
+# (it stays queued until the test runs it). ``None`` outside such a test: one global read.
+task_hold: Callable[[Any], bool] | None = None
 
 
 def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
@@ -61,6 +64,8 @@ def _wrap_task_call(
     async def __call__(self: Any) -> None:
         if not (_enabled or always):
             await original(self)
+            return
+        if task_hold is not None and task_hold(self):
             return
         # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
         # directly: our span, in the same trace, replaces theirs, so each task has one span.

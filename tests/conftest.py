@@ -11,6 +11,11 @@ from prometheus_client import CollectorRegistry
 import bgtrace
 from tests import apps
 
+# bgtrace's pytest11 entry point registers bgtrace.testing under this very name when the
+# package is installed: pytest then skips it here, so a source tree installed before the
+# entry point existed gets the fixture too, once. pytester runs test files in a subprocess.
+pytest_plugins = ["bgtrace.testing", "pytester"]
+
 
 @pytest.fixture(autouse=True)
 def _instrumented() -> Iterator[None]:

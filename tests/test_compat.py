@@ -16,6 +16,7 @@ from starlette import background
 
 import bgtrace
 from bgtrace import BackgroundTaskMiddleware
+from bgtrace.testing import BackgroundTaskRecorder
 from tests import apps
 from tests.conftest import Samples
 
@@ -250,7 +251,7 @@ def test_base_http_middleware_in_the_stack(
 
 
 def test_task_queued_after_yield_is_accounted_truthfully(
-    registry: CollectorRegistry, samples: Samples
+    registry: CollectorRegistry, samples: Samples, bgtasks: BackgroundTaskRecorder
 ) -> None:
     """FastAPI changed when a yield dependency's exit code runs (0.106, 0.118: #14137).
 
@@ -270,10 +271,14 @@ def test_task_queued_after_yield_is_accounted_truthfully(
         pass
 
     TestClient(app).post("/after-yield")
+    task = bgtasks.assert_queued(apps.write_log, "queued after yield")
     labels = {"task": "tests.apps.write_log", "origin": "dependency", "route": "/after-yield"}
+    assert (task.origin, task.route) == (labels["origin"], labels["route"])
     assert samples("bgtask_enqueued_total", **labels) == 1
-    if "queued after yield" in apps.done:
+    if task.state == "completed":  # FastAPI before 0.118 still ran it
+        assert apps.done == ["queued after yield"]
         assert samples("bgtask_completed_total", outcome="success", **labels) == 1
     else:
+        assert (task.state, task.reason, apps.done) == ("dropped", "not_attached", [])
         assert samples("bgtask_dropped_total", reason="not_attached", **labels) == 1
     assert samples.total("bgtask_queue_length") == 0
