@@ -23,6 +23,7 @@ from .multiprocess import (
     forget_process_at_exit,
     multiprocess_mode,
 )
+from .page import tasks_app
 from .records import finish_request
 from .request import RequestState, current
 from .routes import NO_ROUTE, find_router_app
@@ -52,6 +53,8 @@ class BackgroundTaskMiddleware:
         buckets: Sequence[float] | None = None,
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
         metrics_token: str | None = None,
+        tasks_path: str | None = None,
+        trace_url: str | None = None,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
@@ -65,6 +68,14 @@ class BackgroundTaskMiddleware:
         self._config = Config.create(metrics, tracer_provider, trace_mode)
         self._metrics_path = metrics_path
         self._metrics_app = metrics_app(registry, token=metrics_token)
+        if tasks_path is not None and not tasks_path.startswith("/"):
+            raise ValueError(f"tasks_path must start with '/', got {tasks_path!r}")
+        self._tasks_path = tasks_path
+        self._tasks_app = (
+            None
+            if tasks_path is None
+            else tasks_app(metrics, token=metrics_token, trace_url=trace_url)
+        )
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
         instrument()
@@ -80,6 +91,9 @@ class BackgroundTaskMiddleware:
             return
         if self._metrics_path is not None and _route_path(scope) == self._metrics_path:
             await self._metrics_app(scope, receive, send)
+            return
+        if self._tasks_app is not None and _route_path(scope) == self._tasks_path:
+            await self._tasks_app(scope, receive, send)
             return
         outer = current.get()
         if outer is not None and outer.live_scope is scope and not outer.closed:

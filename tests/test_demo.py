@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -173,6 +174,10 @@ def test_demo_serves_until_ctrl_c_and_drives_a_running_app() -> None:
     try:
         printed = read_until(lines, f"http://127.0.0.1:{port}/metrics", timeout=60)
         served_alone = parse_table(printed)[EMAIL, "handler"]["enqueued"]
+        # The live page is on, at the URL the demo printed, with the tasks the table counted.
+        assert f"live page at http://127.0.0.1:{port}/bgtasks" in printed
+        live = httpx.get(f"http://127.0.0.1:{port}/bgtasks?format=json", timeout=10).json()
+        assert EMAIL in {row["task"] for row in live["tasks"]}
 
         other = subprocess.run(
             [sys.executable, "-m", "bgtrace.demo", "--duration", "1",

@@ -28,6 +28,7 @@ from .traffic import ProgressBar, Sent, drive
 
 START_TIMEOUT = 30.0  # seconds for the server to start, or a --target to answer
 DRAIN_TIMEOUT = 30.0  # seconds for the queued tasks to finish after the traffic
+TASKS_PATH = "/bgtasks"  # the live page, turned on in the demo's own server
 
 
 class DemoError(Exception):
@@ -92,10 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _burst_and_report(base_url, args)
                 return 0
             log_level = "warning" if args.verbose else "critical"
-            with serving(create_app(), args.port, log_level) as base_url:
+            with serving(create_app(tasks_path=TASKS_PATH), args.port, log_level) as base_url:
+                print(f"Live page: {base_url}{TASKS_PATH}", file=sys.stderr, flush=True)
                 _burst_and_report(base_url, args)
                 if args.serve:
-                    print(f"\nServing {base_url}/metrics for Prometheus; Ctrl-C stops.", flush=True)
+                    print(
+                        f"\nServing {base_url}/metrics for Prometheus and the live page at "
+                        f"{base_url}{TASKS_PATH}; Ctrl-C stops.",
+                        flush=True,
+                    )
                     _wait_for_stop()
         return 0
     except DemoError as exc:
