@@ -79,8 +79,8 @@ class Page:
         self.call("Page.navigate", url=url)
         wait_for(lambda: self.evaluate("document.readyState") == "complete", what=f"{url} to load")
 
-    def screenshot(self, path: Path, width: int = 1280) -> None:
-        height = int(self.evaluate("document.documentElement.scrollHeight"))
+    def screenshot(self, path: Path, width: int = 1280, max_height: int = 1600) -> None:
+        height = min(int(self.evaluate("document.documentElement.scrollHeight")), max_height)
         self.call(
             "Emulation.setDeviceMetricsOverride",
             width=width,
@@ -88,7 +88,7 @@ class Page:
             deviceScaleFactor=1,
             mobile=False,
         )
-        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        shot = self.call("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(shot["data"]))
 
 
