@@ -131,8 +131,9 @@ class BackgroundTaskMiddleware:
                     state.on_response_sent = None
                     request_span.end(state, raised)
                 request_span.detach()
-            # The exception's traceback holds this frame: keeping it here would be a cycle.
-            raised = None
+            # The exception's traceback holds this frame: keeping the exception here would be a
+            # cycle, and whatever else it keeps lives as long as that traceback.
+            raised = request_span = None
 
 
 def _forgetting_at_shutdown(send: Send) -> Send:

@@ -201,6 +201,8 @@ class TaskRecord:
         if failed:
             logs.internal_error("task end metrics")
         if span is not None:
+            # Not kept past its end: a failing task's traceback keeps this record alive.
+            self.span = None
             self._end_span(span, exc, etype, same_thread)
         if etype is not None:
             logs.task_failed(self.name, self.origin, self.route, etype, trace_id or "-")
