@@ -124,6 +124,8 @@ def test_opentelemetry_fastapi_instrumentor_task_span_with_its_own_provider(
 ) -> None:
     app = _app(registry, None)
     otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 open no span per task")
     TestClient(app, raise_server_exceptions=False).post("/notify/a@b.c")
     _assert_one_span_per_task_in_request_trace(
         exporter, {"bgtask write_notification", "bgtask fail"}

@@ -141,8 +141,11 @@ def _starlette_otel(tracer_provider: TracerProvider, excluded: str) -> tuple[typ
 
 def _asgi_otel(tracer_provider: TracerProvider, excluded: str) -> tuple[type, dict[str, Any]]:
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.util.http import parse_excluded_urls
 
-    return OpenTelemetryMiddleware, {"tracer_provider": tracer_provider, "excluded_urls": excluded}
+    # Older releases take only the parsed list.
+    options = {"tracer_provider": tracer_provider, "excluded_urls": parse_excluded_urls(excluded)}
+    return OpenTelemetryMiddleware, options
 
 
 INSTRUMENTATIONS = [
