@@ -26,6 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp
 
 import bgtrace
+import bgtrace.instrumentation
 from bgtrace import BackgroundTaskMiddleware
 from tests import apps, asgi
 
@@ -150,6 +151,8 @@ def cleanup_instrumentor() -> Any:
     if hasattr(background.BackgroundTask, "_otel_original_call"):
         background.BackgroundTask.__call__ = background.BackgroundTask._otel_original_call  # type: ignore[attr-defined,method-assign]
         del background.BackgroundTask._otel_original_call  # type: ignore[attr-defined]
+    # Starlette's own method is back where bgtrace's wrapper was: put bgtrace's back.
+    bgtrace.instrumentation.ensure_instrumented()
 
 
 MODES = ["metrics", "child", "link", "fastapi_telemetry", "otel_instrumentor"]

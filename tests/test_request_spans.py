@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import bgtrace.instrumentation
 from bgtrace import BackgroundTaskMiddleware
 from tests import apps
 from tests.conftest import Samples
@@ -244,6 +245,8 @@ def otel_fastapi() -> Iterator[type]:
     if hasattr(background.BackgroundTask, "_otel_original_call"):
         background.BackgroundTask.__call__ = background.BackgroundTask._otel_original_call  # type: ignore[attr-defined,method-assign]
         del background.BackgroundTask._otel_original_call  # type: ignore[attr-defined]
+    # Starlette's own method is back where bgtrace's wrapper was: put bgtrace's back.
+    bgtrace.instrumentation.ensure_instrumented()
 
 
 def test_url_fastapi_instrumentor_excludes_gets_no_server_span(
