@@ -9,7 +9,7 @@ from typing import Literal
 from opentelemetry import trace
 from prometheus_client import REGISTRY
 
-from . import __version__
+from . import __version__, logs
 from .metrics import TaskMetrics, task_metrics
 
 TraceMode = Literal["child", "link"]
@@ -32,11 +32,26 @@ class Config:
     ) -> Config:
         if trace_mode not in TRACE_MODES:
             raise ValueError(f"trace_mode must be one of {TRACE_MODES}, got {trace_mode!r}")
-        tracer = trace.get_tracer("bgtrace", __version__, tracer_provider=tracer_provider)
+        try:
+            tracer = trace.get_tracer("bgtrace", __version__, tracer_provider=tracer_provider)
+        except Exception:
+            # A provider that cannot give a tracer: bgtrace goes on without spans of its own.
+            logs.internal_error("tracer provider")
+            tracer_provider = trace.NoOpTracerProvider()
+            tracer = tracer_provider.get_tracer("bgtrace")
         return cls(metrics, tracer_provider, trace_mode, tracer)
 
     def tracing(self) -> bool:
         """Whether spans would be recorded: skip all span work while no SDK is configured."""
+        try:
+            return self._tracing()
+        except Exception:
+            # A global provider that fails to load (OTEL_PYTHON_TRACER_PROVIDER naming one
+            # that cannot be built): no spans, the request goes on.
+            logs.internal_error("tracer provider")
+            return False
+
+    def _tracing(self) -> bool:
         provider: object = self.tracer_provider
         if provider is None:
             # The global provider, without get_tracer_provider()'s environment lookup while

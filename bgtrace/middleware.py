@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Literal
 
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
+from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,8 +23,8 @@ from .multiprocess import (
 from .page import tasks_app
 from .records import finish_request
 from .request import RequestState, current
-from .routes import NO_ROUTE, find_router_app
-from .spans import ATTR_ROUTE, carrier_getter, http_method, propagation_carrier
+from .request_spans import InstrumentationLookup, RequestSpan, left_to_others
+from .routes import find_router_app
 
 RequestSpans = Literal["auto", "never"]
 REQUEST_SPAN_MODES = ("auto", "never")
@@ -78,6 +75,7 @@ class BackgroundTaskMiddleware:
         )
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
+        self._instrumentations = InstrumentationLookup(app)
         instrument()
         check_multiprocess_dir()
         forget_process_at_exit()
@@ -110,14 +108,12 @@ class BackgroundTaskMiddleware:
         if getattr(router_app, "routes", None) is None:
             router_app = self._router_app
         state = RequestState(config, scope, router_app, _STOP_CODE)
-        span: trace.Span | None = None
-        span_token: object = None
+        request_span: RequestSpan | None = None
         if self._request_spans and state.tracing:
             try:
-                method = http_method(scope.get("method"))
-                span, span_token = _start_request_span(config, scope, method)
-                if span is not None:
-                    state.on_response_sent = partial(_end_request_span, span, method, state, None)
+                if not left_to_others(scope, self._instrumentations):
+                    request_span = RequestSpan(config, scope)
+                    state.on_response_sent = request_span.end
             except Exception:
                 logs.internal_error("request span start")
 
@@ -144,11 +140,14 @@ class BackgroundTaskMiddleware:
         finally:
             current.reset(token)
             finish_request(state, raised)
-            if span is not None:
+            if request_span is not None:
                 if state.response_done_at is None:
-                    _end_request_span(span, method, state, raised)
-                if span_token is not None:
-                    otel_context.detach(span_token)  # type: ignore[arg-type]
+                    state.on_response_sent = None
+                    request_span.end(state, raised)
+                request_span.detach()
+            # The exception's traceback holds this frame: keeping the exception here would be a
+            # cycle, and whatever else it keeps lives as long as that traceback.
+            raised = request_span = None
 
 
 def _forgetting_at_shutdown(send: Send) -> Send:
@@ -173,43 +172,3 @@ def _route_path(scope: Scope) -> str:
 
 # Frames past the middleware's own belong to the server: the origin walk stops here.
 _STOP_CODE = BackgroundTaskMiddleware.__call__.__code__
-
-
-def _start_request_span(
-    config: Config, scope: Scope, method: str
-) -> tuple[trace.Span | None, object]:
-    if trace.get_current_span().get_span_context().is_valid:
-        # An HTTP instrumentation already opened the request's span (perhaps unsampled, then
-        # its sampling decision stands): tasks go in its trace.
-        return None, None
-    carrier = propagation_carrier(scope.get("headers") or ())
-    parent = Context() if carrier is None else propagate.extract(carrier, getter=carrier_getter)
-    span = config.tracer.start_span(
-        "HTTP" if method == "_OTHER" else method,
-        context=parent,
-        kind=trace.SpanKind.SERVER,
-        attributes={"http.request.method": method},
-    )
-    return span, otel_context.attach(trace.set_span_in_context(span, parent))
-
-
-def _end_request_span(
-    span: trace.Span, method: str, state: RequestState, exc: BaseException | None
-) -> None:
-    try:
-        route = state.route()[0]
-        attributes: dict[str, str | int] = {}
-        if route != NO_ROUTE:
-            attributes[ATTR_ROUTE] = route
-            span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
-        if state.status is not None:
-            attributes["http.response.status_code"] = state.status
-            if state.status >= 500:
-                span.set_status(trace.Status(trace.StatusCode.ERROR))
-        span.set_attributes(attributes)
-        if exc is not None:
-            span.set_status(trace.Status(trace.StatusCode.ERROR))
-            span.set_attribute("error.type", type(exc).__qualname__)
-        span.end()
-    except Exception:
-        logs.internal_error("request span end")

@@ -38,6 +38,7 @@ from .spans import (
     EVENT_ENQUEUED,
     SPAN_PREFIX,
     foreign_task_span,
+    owner_records_exception,
     record_failure,
     task_parent,
 )  # fmt: skip
@@ -48,6 +49,9 @@ RECORD_ATTR = "_bgtrace_record"
 STARLETTE_TASK_CALL = background.BackgroundTask.__call__
 
 QUEUED, CLAIMED, RUNNING, DONE, DROPPED = range(5)
+# Whose span a task has: bgtrace's own, or another instrumentation's (TaskRecord.adopted),
+# which records the task's exception itself or does not.
+OWN, ADOPTED, ADOPTED_RECORDING = range(3)
 
 SUCCESS, FAILURE, CANCELLED = "success", "failure", "cancelled"
 REQUEST_ERROR = "request_error"
@@ -91,7 +95,7 @@ class TaskRecord:
         self.enqueued_at = perf_counter()
         self.started_at = 0.0
         self.span: trace.Span | None = None
-        self.adopted = False
+        self.adopted = OWN
         self.token: object = None
         # The thread the task runs on (the event loop's for an async task), once started.
         self.thread = 0
@@ -133,14 +137,20 @@ class TaskRecord:
                 observer.started(self)
             except Exception:
                 inflight.observer_failed("started")
-        if self.tracing:
-            try:
-                self._start_span(now - self.enqueued_at)
-            except Exception:
-                logs.internal_error("task span start")
+        try:
+            self._start_span(now - self.enqueued_at)
+        except Exception:
+            logs.internal_error("task span start")
         return True
 
     def _start_span(self, wait: float) -> None:
+        foreign = None
+        if self.config.trace_mode == "child" or not self.tracing:
+            # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
+            # instrumentor may have one, and their task span takes bgtrace's attributes.
+            foreign = foreign_task_span()
+            if foreign is None and not self.tracing:
+                return
         attributes: dict[str, AttributeValue] = {
             ATTR_FUNCTION: self.name,
             ATTR_ORIGIN: self.origin,
@@ -150,15 +160,14 @@ class TaskRecord:
         if self.route != NO_ROUTE:
             attributes[ATTR_ROUTE] = self.route
         attributes[ATTR_WAIT] = wait
-        if self.config.trace_mode == "child":
-            foreign = foreign_task_span()
-            if foreign is not None:
-                # One span per task: theirs, already current and in the request's trace,
-                # named like every other task span so that tasks tell apart in a trace view.
-                foreign.update_name(SPAN_PREFIX + self.qualname)
-                foreign.set_attributes(attributes)
-                self.span, self.adopted = foreign, True
-                return
+        if foreign is not None:
+            # One span per task: theirs, already current and in the request's trace, named
+            # like every other task span so that tasks tell apart in a trace view.
+            self.adopted = ADOPTED_RECORDING if owner_records_exception(foreign) else ADOPTED
+            foreign.update_name(SPAN_PREFIX + self.qualname)
+            foreign.set_attributes(attributes)
+            self.span = foreign
+            return
         ctx, links = task_parent(self.parent, self.config.trace_mode)
         span = self.config.tracer.start_span(
             SPAN_PREFIX + self.qualname,
@@ -209,6 +218,8 @@ class TaskRecord:
             except Exception:
                 inflight.observer_failed("finished")
         if span is not None:
+            # Not kept past its end: a failing task's traceback keeps this record alive.
+            self.span = None
             self._end_span(span, exc, etype, same_thread)
         if etype is not None:
             logs.task_failed(self.name, self.origin, self.route, etype, trace_id or "-")
@@ -221,8 +232,9 @@ class TaskRecord:
                 otel_context.detach(self.token)  # type: ignore[arg-type]
                 self.token = None
             if etype is not None and exc is not None:
-                record_failure(span, exc, etype)
-            if not self.adopted:
+                # Exactly one exception event per span: not where its owner records one.
+                record_failure(span, exc, etype, event=self.adopted != ADOPTED_RECORDING)
+            if self.adopted == OWN:
                 span.end()  # an adopted span is ended by whoever opened it
         except Exception:
             logs.internal_error("task span end")
@@ -280,14 +292,18 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         route = state.route()[0] if state is not None else NO_ROUTE
         origin, dependency = OTHER, None
     parent: Context | None = None
-    if tracing:
+    try:
         current_context = otel_context.get_current()
         span = trace.get_current_span(current_context)
-        # The context as it is now: its span is the task span's parent in child mode, the
-        # target of its link in link mode. Kept as it is: no span or context made per task.
-        parent = current_context if span.get_span_context().is_valid else None
+        if tracing and span.get_span_context().is_valid:
+            # The context as it is now: its span is the task span's parent in child mode, the
+            # target of its link in link mode. Kept as it is: no span or context made per task.
+            parent = current_context
+        # Also without a provider of bgtrace's own: the span may be another instrumentation's.
         if span.is_recording():
             span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
+    except Exception:
+        logs.internal_error("task queued span")
     series = config.metrics.series(name, origin, route)
     record = TaskRecord(
         config,

@@ -47,15 +47,21 @@ class RequestState:
         self.closed = False
         self.status: int | None = None
         self.response_done_at: float | None = None
-        self.on_response_sent: Callable[[], None] | None = None
+        # Called with this state once the response is over. Never a closure over the state
+        # itself: that would put every request in a reference cycle (see response_sent).
+        self.on_response_sent: Callable[[RequestState], None] | None = None
         self._route: Resolved | None = None
 
     def response_sent(self) -> None:
         """The last response byte is out (or the response is over): the rest is background."""
         if self.response_done_at is None:
             self.response_done_at = perf_counter()
-            if self.on_response_sent is not None:
-                self.on_response_sent()
+            callback = self.on_response_sent
+            if callback is not None:
+                # Once only; dropped so that nothing the callback holds (the request span)
+                # outlives the response through the state.
+                self.on_response_sent = None
+                callback(self)
 
     def background_started(self) -> None:
         # Starlette runs the background only once the response is over, also when the client

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterable
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
 
 SPAN_PREFIX = "bgtask "
 ATTR_FUNCTION = "code.function.name"
@@ -52,10 +50,21 @@ def foreign_task_span() -> trace.Span | None:
     return None
 
 
-def record_failure(span: trace.Span, exc: BaseException, error_type: str) -> None:
+def owner_records_exception(span: trace.Span) -> bool:
+    """Whether the instrumentation that opened a task span adds an ``exception`` event of its
+    own when the task raises: opentelemetry-instrumentation-fastapi does (with the message),
+    FastAPI's telemetry does not. Asked before bgtrace renames the span."""
+    return getattr(span, "name", None) != _FOREIGN_TASK_SPAN
+
+
+def record_failure(
+    span: trace.Span, exc: BaseException, error_type: str, *, event: bool = True
+) -> None:
     """Mark ``span`` failed without the exception's message, which may quote task arguments."""
     span.set_status(trace.Status(trace.StatusCode.ERROR, error_type))
     span.set_attribute(ATTR_ERROR_TYPE, error_type)
+    if not event:
+        return
     stack = "".join(traceback.format_tb(exc.__traceback__)) + error_type
     span.add_event(
         "exception",
@@ -66,32 +75,3 @@ def record_failure(span: trace.Span, exc: BaseException, error_type: str) -> Non
 def http_method(raw: object) -> str:
     """The method for attributes and span names; unknown ones become ``_OTHER`` (bounded)."""
     return raw if isinstance(raw, str) and raw in _KNOWN_METHODS else "_OTHER"
-
-
-# What the default propagators (W3C trace context and baggage) read.
-_PROPAGATION_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
-
-
-def propagation_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]] | None:
-    """The trace headers of a request in one pass, or ``None`` when it has none.
-
-    ASGI servers lowercase header names. Malformed values extract nothing downstream.
-    """
-    carrier: dict[str, list[str]] | None = None
-    for key, value in headers:
-        if key in _PROPAGATION_HEADERS:
-            if carrier is None:
-                carrier = {}
-            carrier.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
-    return carrier
-
-
-class _CarrierGetter(Getter[dict[str, list[str]]]):
-    def get(self, carrier: dict[str, list[str]], key: str) -> list[str] | None:
-        return carrier.get(key.lower())
-
-    def keys(self, carrier: dict[str, list[str]]) -> list[str]:
-        return list(carrier)
-
-
-carrier_getter = _CarrierGetter()

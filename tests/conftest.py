@@ -43,6 +43,18 @@ def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
     return provider
 
 
+@pytest.fixture
+def global_tracer_provider(
+    tracer_provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+) -> TracerProvider:
+    """``tracer_provider`` as the process's global provider, for this test only (the API lets
+    a process set it once)."""
+    from opentelemetry import trace
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", tracer_provider)
+    return tracer_provider
+
+
 class Samples:
     """Reads bgtrace samples from a registry; absent series read as 0."""
 

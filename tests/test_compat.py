@@ -23,7 +23,9 @@ from tests.conftest import Samples
 HAS_FASTAPI_TELEMETRY = importlib.util.find_spec("fastapi.telemetry") is not None
 
 
-def _app(registry: CollectorRegistry, tracer_provider: TracerProvider, **kwargs: object) -> FastAPI:
+def _app(
+    registry: CollectorRegistry, tracer_provider: TracerProvider | None, **kwargs: object
+) -> FastAPI:
     app = FastAPI(**kwargs)  # type: ignore[arg-type]
     app.add_middleware(BackgroundTaskMiddleware, registry=registry, tracer_provider=tracer_provider)
 
@@ -65,6 +67,10 @@ def _assert_one_span_per_task_in_request_trace(
         s for s in spans if (s.attributes or {})["code.function.name"] == "tests.apps.fail"
     ]
     assert failed.status.status_code is trace.StatusCode.ERROR
+    assert (failed.attributes or {})["error.type"] == "ValueError"
+    # One exception event: bgtrace's (no message), or the one the span's owner records.
+    (event,) = [e for e in failed.events if e.name == "exception"]
+    assert (event.attributes or {})["exception.type"] in ("ValueError", "builtins.ValueError")
 
 
 @pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
@@ -82,6 +88,49 @@ def test_fastapi_builtin_telemetry_one_span_per_task(
     # FastAPI opened the server span: bgtrace opened none of its own.
     assert _server_span(exporter).attributes.get("url.path") == "/notify/a@b.c"  # type: ignore[union-attr]
     assert samples.total("bgtask_completed_total") == 2
+
+
+@pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
+@pytest.mark.parametrize("provider", ["global", "fastapi_own"])
+def test_fastapi_task_span_taken_over_whoever_provides_it(
+    provider: str,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    samples: Samples,
+    request: pytest.FixtureRequest,
+) -> None:
+    """bgtrace passes no provider: FastAPI's span gets its name, attributes and one exception
+    event whether the SDK is the global provider or FastAPI's own ``tracer_provider``."""
+    if provider == "global":
+        request.getfixturevalue("global_tracer_provider")
+        app = _app(registry, None)
+    else:
+        app = _app(registry, None, telemetry={"tracer_provider": tracer_provider})
+    TestClient(app, raise_server_exceptions=False).post("/notify/a@b.c")
+    _assert_one_span_per_task_in_request_trace(
+        exporter, {"bgtask write_notification", "bgtask fail"}
+    )
+    (failed,) = [s for s in _task_spans(exporter) if s.name == "bgtask fail"]
+    (event,) = failed.events
+    assert event.name == "exception" and "x" not in str(dict(event.attributes or {}).values())
+    assert samples.total("bgtask_completed_total") == 2
+
+
+def test_opentelemetry_fastapi_instrumentor_task_span_with_its_own_provider(
+    otel_instrumentor: type,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    app = _app(registry, None)
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 open no span per task")
+    TestClient(app, raise_server_exceptions=False).post("/notify/a@b.c")
+    _assert_one_span_per_task_in_request_trace(
+        exporter, {"bgtask write_notification", "bgtask fail"}
+    )
 
 
 @pytest.fixture
