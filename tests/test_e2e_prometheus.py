@@ -180,6 +180,10 @@ class Traffic:
         reports = {
             total("bgtask_thread_wait_seconds_count", task=REPORT): self.reports,
             total("bgtask_completed_total", task=REPORT, outcome="success"): self.reports,
+            # Back to 0 once every task has ended, on every worker. (In files from the first
+            # flush that found a task of the series in flight: a report was seen running.)
+            total("bgtask_oldest_running_seconds", task=REPORT): 0,
+            total("bgtask_oldest_queued_seconds", task=REPORT): 0,
         }
         return {
             **(reports if self.reports else {}),
@@ -200,9 +204,6 @@ class Traffic:
             total("bgtask_in_progress"): 0,
             # Every def task's wait for a thread, summed over both workers.
             total("bgtask_thread_wait_seconds_count", task=AUDIT): self.signups,
-            # Back to 0 once every task has ended, on every worker.
-            total("bgtask_oldest_running_seconds"): 0,
-            total("bgtask_oldest_queued_seconds"): 0,
         }  # fmt: skip
 
 
