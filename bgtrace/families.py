@@ -61,6 +61,25 @@ ALL_FAMILIES = (
     ENQUEUED, COMPLETED, FAILURES, DROPPED, DURATION, QUEUE_WAIT, QUEUE_LENGTH, IN_PROGRESS,
     POST_RESPONSE,
 )  # fmt: skip
+# Why tasks are late (bgtrace.stuck). Not in ALL_FAMILIES: in multiprocess mode the oldest
+# ages are the maximum over live workers, which worker_files does not add up; prometheus_client
+# sums these few series itself.
+OLDEST_RUNNING = Family(
+    "bgtask_oldest_running_seconds",
+    "Age of the oldest background task of the series running now; 0 when none runs.",
+    "gauge",
+)
+OLDEST_QUEUED = Family(
+    "bgtask_oldest_queued_seconds",
+    "Age of the oldest background task of the series waiting to start now; 0 when none waits.",
+    "gauge",
+)
+THREAD_WAIT = Family(
+    "bgtask_thread_wait_seconds",
+    "Time a def background task waited for a threadpool thread once it could start.",
+    "histogram",
+)
+WHY_FAMILIES = (OLDEST_RUNNING, OLDEST_QUEUED, THREAD_WAIT)
 
 
 def full_name(namespace: str, family: Family) -> str:
@@ -79,6 +98,10 @@ class LocalValues:
     bounds: tuple[float, ...]
     series: Iterable[LocalSeries]
     post_response: Mapping[str, LocalHistogram]
+    # The WHY_FAMILIES, or None where they are not these values' to write (multiprocess: the
+    # files carry them). Oldest ages by label set (running, queued); absent series read 0.
+    oldest: Mapping[tuple[str, str, str], tuple[float, float]] | None = None
+    thread_wait: Mapping[tuple[str, str, str], LocalHistogram] | None = None
 
 
 # --- prometheus_client families ------------------------------------------------------------
@@ -86,12 +109,40 @@ class LocalValues:
 
 def describe(namespace: str) -> list[Metric]:
     """The families without samples: what the registry needs to refuse duplicate names."""
-    return list(_families(namespace, (), {}, ()))
+    return [*_families(namespace, (), {}, ()), *_why(namespace, (), {}, {}, ())]
 
 
 def collect(values: LocalValues) -> Iterator[Metric]:
     series = list(values.series)
-    return _families(values.namespace, series, dict(values.post_response), values.bounds)
+    yield from _families(values.namespace, series, dict(values.post_response), values.bounds)
+    if values.oldest is not None:
+        thread_wait = dict(values.thread_wait or {})
+        yield from _why(values.namespace, series, values.oldest, thread_wait, values.bounds)
+
+
+def _why(
+    namespace: str,
+    series: list[LocalSeries] | tuple[()],
+    oldest: Mapping[tuple[str, str, str], tuple[float, float]],
+    thread_wait: dict[tuple[str, str, str], LocalHistogram],
+    bounds: tuple[float, ...],
+) -> Iterator[Metric]:
+    for index, family in enumerate((OLDEST_RUNNING, OLDEST_QUEUED)):
+        gauge = GaugeMetricFamily(full_name(namespace, family), family.help, labels=TASK_LABELS)
+        for one in series:
+            # Every series, at 0 when it has no task now: max by (task) and alerts resolve.
+            gauge.add_metric(one.labels, oldest.get(one.labels, _NO_AGE)[index])
+        yield gauge
+    histogram = HistogramMetricFamily(
+        full_name(namespace, THREAD_WAIT), THREAD_WAIT.help, labels=TASK_LABELS
+    )
+    les = _les(bounds)
+    for labels, values in thread_wait.items():
+        _add_histogram(histogram, labels, values, les)
+    yield histogram
+
+
+_NO_AGE = (0.0, 0.0)
 
 
 def _families(
@@ -232,7 +283,36 @@ def render(values: LocalValues, openmetrics: bool) -> list[bytes]:
         [(f'route="{escape(route)}"'.encode(), h) for route, h in post_response],
         openmetrics,
     )
+    if values.oldest is not None:
+        _render_why(out, values, series, values.oldest, openmetrics)
     return out
+
+
+def _render_why(
+    out: list[bytes],
+    values: LocalValues,
+    series: list[LocalSeries],
+    oldest: Mapping[tuple[str, str, str], tuple[float, float]],
+    openmetrics: bool,
+) -> None:
+    ns = values.namespace
+    for index, family in enumerate((OLDEST_RUNNING, OLDEST_QUEUED)):
+        name = full_name(ns, family)
+        out.append(f"# HELP {name} {_help(family)}\n# TYPE {name} gauge\n".encode())
+        lines = []
+        for s in series:
+            age = oldest.get(s.labels, _NO_AGE)[index]
+            value = floatToGoString(age) if age else "0.0"  # type: ignore[no-untyped-call]
+            lines.append(f"{name}{{{s.text}}} {value}\n")
+        out.append("".join(lines).encode())
+    by_labels = {s.labels: s.text for s in series}
+    members = []
+    for labels, histogram in list((values.thread_wait or {}).items()):
+        text = by_labels.get(labels)
+        if text is None:
+            text = LocalSeries(labels, (), histogram.lock).text
+        members.append((text.encode(), histogram))
+    _histogram(out, ns, THREAD_WAIT, values.bounds, members, openmetrics)
 
 
 def _histogram(

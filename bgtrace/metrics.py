@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 from .accumulators import LocalHistogram, LocalSeries
 from .families import (
     ALL_FAMILIES,
+    WHY_FAMILIES,
     LocalValues,
     collect,
     describe,
@@ -119,9 +120,11 @@ class TaskMetrics:
         self._local_series: dict[tuple[str, str, str], LocalSeries] = {}
         self._post_response: dict[str, LocalHistogram] = {}
         self._local_post_response: dict[str, LocalHistogram] = {}
+        # bgtask_thread_wait_seconds by label set: def tasks only, so made at the first one.
+        self._thread_wait: dict[tuple[str, str, str], LocalHistogram] = {}
         self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
-        for family in ALL_FAMILIES:
+        for family in (*ALL_FAMILIES, *WHY_FAMILIES):
             full_name(namespace, family)  # a bad namespace fails here, before registering
         # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
@@ -156,6 +159,9 @@ class TaskMetrics:
             self._files.flush(
                 list(self._local_series.values()), dict(self._local_post_response), self._lock
             )
+            from . import stuck  # imports records, which imports this module
+
+            self._files.flush_why(stuck.oldest_ages(self), dict(self._thread_wait), self._lock)
 
     def forget_values(self) -> None:
         """Multiprocess mode, in a forked child: start from zero (see multiprocess)."""
@@ -163,16 +169,33 @@ class TaskMetrics:
         self._local_series = {}
         self._post_response = {}
         self._local_post_response = {}
+        self._thread_wait = {}
         if self._files is not None:
             self._files.forget_written()
 
     def values(self) -> LocalValues:
+        from . import stuck  # imports records, which imports this module
+
         return LocalValues(
             self.namespace,
             self.buckets,
             list(self._local_series.values()),
             dict(self._local_post_response),
+            # Multiprocess: the files carry these (written by flush).
+            stuck.oldest_ages(self) if self._files is None else None,
+            dict(self._thread_wait),
         )
+
+    def thread_wait_for(self, labels: tuple[str, str, str]) -> LocalHistogram:
+        """The ``bgtask_thread_wait_seconds`` histogram of a series, made at its first def
+        task (before the caller takes the lock: see accumulators)."""
+        found = self._thread_wait.get(labels)
+        if found is None:
+            with self._lock:
+                found = self._thread_wait.get(labels)
+                if found is None:
+                    found = self._thread_wait[labels] = LocalHistogram(self.buckets, self._lock)
+        return found
 
     def render(self, openmetrics: bool) -> list[bytes]:
         return render(self.values(), openmetrics)

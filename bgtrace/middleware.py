@@ -25,6 +25,7 @@ from .records import finish_request
 from .request import RequestState, current
 from .request_spans import InstrumentationLookup, RequestSpan, left_to_others
 from .routes import find_router_app
+from .stuck import DEFAULT_STUCK_AFTER, watch
 
 RequestSpans = Literal["auto", "never"]
 REQUEST_SPAN_MODES = ("auto", "never")
@@ -52,10 +53,15 @@ class BackgroundTaskMiddleware:
         metrics_token: str | None = None,
         tasks_path: str | None = None,
         trace_url: str | None = None,
+        stuck_after: float | None = DEFAULT_STUCK_AFTER,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
                 f"request_spans must be one of {REQUEST_SPAN_MODES}, got {request_spans!r}"
+            )
+        if stuck_after is not None and not stuck_after > 0:
+            raise ValueError(
+                f"stuck_after must be a positive number of seconds or None, got {stuck_after!r}"
             )
         if metrics_path is not None and not metrics_path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', got {metrics_path!r}")
@@ -79,6 +85,7 @@ class BackgroundTaskMiddleware:
         instrument()
         check_multiprocess_dir()
         forget_process_at_exit()
+        watch(self._config, stuck_after)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -32,10 +32,13 @@ from .families import (
     ENQUEUED,
     FAILURES,
     IN_PROGRESS,
+    OLDEST_QUEUED,
+    OLDEST_RUNNING,
     POST_RESPONSE,
     QUEUE_LENGTH,
     QUEUE_WAIT,
     TASK_LABELS,
+    THREAD_WAIT,
     Family,
     full_name,
 )  # fmt: skip
@@ -161,11 +164,13 @@ class FileValues:
         self._written_post: dict[str, _Histogram] = {}
         self._children: dict[tuple[str, str, str], _Children] = {}
         self._post_children: dict[str, Any] = {}
+        self._why_init(name, buckets)
 
     def unregister(self) -> None:
         for metric in (
             self.enqueued, self.completed, self.failures, self.dropped, self.duration,
             self.queue_wait, self.queue_length, self.in_progress, self.post_response,
+            self.oldest_running, self.oldest_queued, self.thread_wait,
         ):  # fmt: skip
             self.registry.unregister(metric)
 
@@ -173,6 +178,75 @@ class FileValues:
         """In a forked child: its files are new, and so are its values."""
         self._written.clear()
         self._written_post.clear()
+        self._why_forget()
+
+    # --- the "why" families: oldest ages (livemax) and thread wait ---
+
+    def _why_init(self, name: Any, buckets: tuple[float, ...]) -> None:
+        def gauge(family: Family) -> Gauge:
+            # livemax: with several workers, the oldest task of any live one.
+            return Gauge(
+                name(family), family.help, TASK_LABELS, multiprocess_mode="livemax",
+                registry=self.registry,
+            )  # fmt: skip
+
+        self.oldest_running = gauge(OLDEST_RUNNING)
+        self.oldest_queued = gauge(OLDEST_QUEUED)
+        self.thread_wait = Histogram(
+            name(THREAD_WAIT), THREAD_WAIT.help, TASK_LABELS, buckets=buckets,
+            registry=self.registry,
+        )  # fmt: skip
+        self._why_forget()
+
+    def _why_forget(self) -> None:
+        self._ages: dict[tuple[str, str, str], tuple[Any, Any, tuple[float, float]]] = {}
+        self._written_waits: dict[tuple[str, str, str], _Histogram] = {}
+        self._wait_children: dict[tuple[str, str, str], Any] = {}
+
+    def flush_why(
+        self,
+        oldest: Mapping[tuple[str, str, str], tuple[float, float]],
+        thread_wait: Mapping[tuple[str, str, str], LocalHistogram],
+        lock: threading.RLock,
+    ) -> None:
+        """Write the oldest ages now and the thread waits that changed.
+
+        A series gets its age gauges at the first flush that finds a task of it in flight,
+        and keeps them (at 0 when none is) from then on. Not every series has them from the
+        start, as in a single process: these values go through prometheus_client's own
+        summing at a scrape (worker_files does not take the maximum), so only series that
+        ever had a task in flight at a flush cost a scrape anything."""
+        with _flush_lock:
+            try:
+                ages = self._ages
+                for labels in oldest:
+                    if labels not in ages:
+                        running = self.oldest_running.labels(*labels)
+                        queued = self.oldest_queued.labels(*labels)
+                        ages[labels] = (running, queued, (-1.0, -1.0))
+                for labels, (running, queued, was) in list(ages.items()):
+                    now = oldest.get(labels, (0.0, 0.0))
+                    if now != was:
+                        running.set(now[0])
+                        queued.set(now[1])
+                        ages[labels] = (running, queued, now)
+            except Exception:
+                logs.internal_error("multiprocess write")
+            with lock:
+                changed = []
+                for labels, histogram in thread_wait.items():
+                    if histogram.dirty:
+                        histogram.dirty = False
+                        changed.append((labels, _histogram(histogram)))
+            for labels, now_wait in changed:
+                try:
+                    child = self._wait_children.get(labels)
+                    if child is None:
+                        child = self._wait_children[labels] = self.thread_wait.labels(*labels)
+                    _add(child, now_wait, self._written_waits.get(labels, self._empty))
+                except Exception:
+                    logs.internal_error("multiprocess write")
+                self._written_waits[labels] = now_wait
 
     def flush(
         self,

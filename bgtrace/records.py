@@ -65,7 +65,8 @@ def is_cancellation(exc: BaseException) -> bool:
 
 class TaskRecord:
     __slots__ = (
-        "__weakref__", "adopted", "config", "dependency", "enqueued_at", "name", "origin",
+        "__weakref__", "adopted", "claimed_at", "config", "dependency", "enqueued_at", "name",
+        "origin",
         "parent", "qualname", "route", "series", "span", "started_at", "status", "thread",
         "token", "tracing", "waiting_at",
     )  # fmt: skip
@@ -94,6 +95,7 @@ class TaskRecord:
         self.status = QUEUED
         self.enqueued_at = perf_counter()
         self.started_at = 0.0
+        self.claimed_at = 0.0  # a def task: when it could start, and began waiting for a thread
         self.span: trace.Span | None = None
         self.adopted = OWN
         self.token: object = None
@@ -113,6 +115,7 @@ class TaskRecord:
             if self.status != QUEUED:
                 return False
             self.status = CLAIMED
+            self.claimed_at = perf_counter()
             return True
 
     def start(self, claimed: bool = True) -> bool:
@@ -121,6 +124,8 @@ class TaskRecord:
         now = perf_counter()
         series = self.series
         try:
+            # bgtask_thread_wait_seconds: a def task's wait for a threadpool thread.
+            thread_wait = self.config.metrics.thread_wait_for(series.labels) if claimed else None
             with series.lock:
                 if self.status != (CLAIMED if claimed else QUEUED):
                     return False
@@ -130,6 +135,9 @@ class TaskRecord:
                 self.thread = threading.get_ident()
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)
+                if thread_wait is not None:
+                    thread_wait.add(now - self.claimed_at)
+                    thread_wait.dirty = True
         except Exception:
             logs.internal_error("task start metrics")
         for observer in inflight.observers:

@@ -41,10 +41,21 @@ EXPORTED_METRICS: dict[str, set[str]] = {
     "bgtask_queue_length": {"task", "origin", "route"},
     "bgtask_in_progress": {"task", "origin", "route"},
     "bgtask_post_response_seconds": {"route"},
+    # Why tasks are late (issue 13).
+    "bgtask_oldest_running_seconds": {"task", "origin", "route"},
+    "bgtask_oldest_queued_seconds": {"task", "origin", "route"},
+    "bgtask_thread_wait_seconds": {"task", "origin", "route"},
+    "bgtask_loop_blocked_seconds_total": {"task", "origin", "route"},
+    # The process's own health: no task labels.
+    "bgtrace_event_loop_lag_seconds": set(),
+    "bgtrace_threadpool_tokens": set(),
+    "bgtrace_threadpool_borrowed": set(),
+    "bgtrace_threadpool_waiting": set(),
 }
 HISTOGRAM_METRICS = frozenset(
-    {"bgtask_duration_seconds", "bgtask_queue_wait_seconds", "bgtask_post_response_seconds"}
-)
+    {"bgtask_duration_seconds", "bgtask_queue_wait_seconds", "bgtask_post_response_seconds",
+     "bgtask_thread_wait_seconds", "bgtrace_event_loop_lag_seconds"}
+)  # fmt: skip
 SCRAPE_LABELS = frozenset({"job", "instance"})
 ALLOWED_LABELS = frozenset(
     {"task", "origin", "route", "outcome", "error_type", "reason", "le", "job", "instance"}
@@ -57,6 +68,9 @@ EXPECTED_ALERTS = frozenset(
         "BgtaskQueueGrowing",
         "BgtaskQueueWaitHigh",
         "BgtaskRunningLong",
+        "BgtaskStuck",
+        "BgtaskEventLoopBlocked",
+        "BgtaskThreadpoolSaturated",
     }
 )
 
@@ -178,7 +192,7 @@ def label_problems(expr: str) -> list[str]:
     metrics, selectors, grouping = analyse(expr)
     problems = []
     if not metrics:
-        problems.append("no bgtask_ metric referenced")
+        problems.append("no bgtrace metric referenced")
     unknown = {m for m in metrics if metric_family(m) is None}
     problems += [f"unknown metric {m}" for m in sorted(unknown)]
     known = metrics - unknown
@@ -339,7 +353,7 @@ def test_label_check_rejects_wrong_names() -> None:
 
 def test_exported_metrics_only_use_allowed_labels() -> None:
     for name, labels in EXPORTED_METRICS.items():
-        assert name.startswith("bgtask_")
+        assert name.startswith(("bgtask_", "bgtrace_"))
         assert labels <= ALLOWED_LABELS, name
     assert set(EXPORTED_METRICS) >= HISTOGRAM_METRICS
 
@@ -373,7 +387,9 @@ def test_dashboard_selectors_use_template_variables() -> None:
             family = metric_family(owner)
             if family is None:  # reported by test_dashboard_exprs_use_exported_metrics_and_labels
                 continue
-            expected = {"job": '=~"$job"', "route": '=~"$route"'}
+            expected = {"job": '=~"$job"'}
+            if "route" in EXPORTED_METRICS[family]:
+                expected["route"] = '=~"$route"'
             if "task" in EXPORTED_METRICS[family]:
                 expected["task"] = '=~"$task"'
             for label, matcher in expected.items():

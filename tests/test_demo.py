@@ -304,7 +304,7 @@ def test_compose_prometheus_scrapes_the_app_and_loads_the_alert_rules(tmp_path: 
         [promtool, "check", "config", str(local)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout + result.stderr
 
 
 def test_grafana_links_exemplars_to_jaeger_and_provisions_the_dashboard() -> None:

@@ -33,7 +33,15 @@ EMAIL = "bgtrace.demo.app.send_welcome_email"
 AUDIT = "bgtrace.demo.app.write_audit"
 RECEIPT = "bgtrace.demo.app.render_receipt"
 IMPORT = "bgtrace.demo.app.import_contacts"
-TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT)
+REPORT = "bgtrace.demo.app.build_report"
+TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT, REPORT)
+# TODO(issue 13, after merging the loop watchdog and threadpool gauges): these have no data in
+# this test yet; take them out of here and give the app a task that blocks the loop and a
+# saturated pool, so that their panels and rules are evaluated with data too.
+NOT_YET_EXPORTED = (
+    "bgtask_loop_blocked_seconds_total", "bgtrace_event_loop_lag_seconds",
+    "bgtrace_threadpool_tokens", "bgtrace_threadpool_borrowed", "bgtrace_threadpool_waiting",
+)  # fmt: skip
 
 
 @contextmanager
@@ -132,6 +140,7 @@ class Traffic:
     def __init__(self, client: httpx.Client) -> None:
         self.client = client
         self.signups = self.receipts = self.failures = self.imports = self.oversized = 0
+        self.reports = 0
         self.pids: set[int] = set()
         self.next_order = 1
 
@@ -153,6 +162,10 @@ class Traffic:
         self.imports += 1
         self.oversized += rows > MAX_IMPORT_ROWS
 
+    def report(self) -> None:
+        assert self.client.post(f"/reports/{self.reports + 1}").status_code == 202
+        self.reports += 1
+
     def burst(self, signups: int, receipts: int, imports: int) -> None:
         for _ in range(signups):
             self.signup()
@@ -164,7 +177,16 @@ class Traffic:
     def expected(self) -> dict[str, float]:
         """PromQL expression -> the value it must reach once every task has ended."""
         failed = "bgtrace.demo.app.ReceiptRenderError"
+        reports = {
+            total("bgtask_thread_wait_seconds_count", task=REPORT): self.reports,
+            total("bgtask_completed_total", task=REPORT, outcome="success"): self.reports,
+            # Back to 0 once every task has ended, on every worker. (In files from the first
+            # flush that found a task of the series in flight: a report was seen running.)
+            total("bgtask_oldest_running_seconds", task=REPORT): 0,
+            total("bgtask_oldest_queued_seconds", task=REPORT): 0,
+        }
         return {
+            **(reports if self.reports else {}),
             total("bgtask_enqueued_total", task=EMAIL, origin="handler"): self.signups,
             total("bgtask_enqueued_total", task=AUDIT, origin="dependency"): self.signups,
             total("bgtask_completed_total", task=EMAIL, outcome="success"): self.signups,
@@ -180,6 +202,8 @@ class Traffic:
             total("bgtask_post_response_seconds_count", route="/signup/{user_id}"): self.signups,
             total("bgtask_queue_length"): 0,
             total("bgtask_in_progress"): 0,
+            # Every def task's wait for a thread, summed over both workers.
+            total("bgtask_thread_wait_seconds_count", task=AUDIT): self.signups,
         }  # fmt: skip
 
 
@@ -230,12 +254,26 @@ def check_scraped_app(prometheus: Prometheus, traffic: Traffic) -> None:
     poll(lambda: stored_counts(prometheus, traffic.expected()), 30, "the first burst")
     traffic.burst(signups=10, receipts=20, imports=6)
     assert traffic.failures > 0 and traffic.oversized > 0
+    # A task running for a second (the demo's report) shows its age while it runs; def tasks
+    # record their thread wait.
+    oldest = f'max(bgtask_oldest_running_seconds{{job="{JOB}", task="{REPORT}"}})'
+
+    def report_seen_running() -> dict[str, Any]:
+        if (prometheus.value(oldest) or 0) > 0.2:
+            return {}
+        if traffic.reports < 60:
+            traffic.report()
+        return {oldest: prometheus.value(oldest)}
+
+    poll(report_seen_running, 60, "a running report's age in Prometheus")
     poll(lambda: stored_counts(prometheus, traffic.expected()), 30, "the counts sent")
 
     # Every expression of every panel answers, with a number, on this traffic.
     substitutions = {**GRAFANA_SUBSTITUTIONS, "$job": JOB}
     unanswered = {}
     for where, expr in dashboard_exprs(load_dashboard()):
+        if any(name in expr for name in NOT_YET_EXPORTED):
+            continue
         for var in sorted(substitutions, key=len, reverse=True):
             expr = expr.replace(var, substitutions[var])
         values = [float(sample["value"][1]) for sample in prometheus.query(expr)]

@@ -8,6 +8,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics import parser as openmetrics_parser
 
 import bgtrace.metrics
+import bgtrace.stuck
 from bgtrace.accumulators import exemplar
 from bgtrace.metrics import TaskMetrics, render_registry, task_metrics
 from tests.servers import prometheus_tool
@@ -145,3 +146,26 @@ def test_a_namespace_that_makes_no_metric_name_is_a_precise_error(
 ) -> None:
     with pytest.raises(ValueError, match="namespace 'my-app'"):
         task_metrics(registry, "my-app")
+
+
+def test_oldest_ages_and_thread_waits_render_byte_identical(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = populate(registry)
+    labels = metrics.series("app.tasks.task_1", "handler", AWKWARD[1]).labels
+    ages = {labels: (12.345678, 0.0), (AWKWARD[2], "dependency", "/r"): (0.0, 1e-05)}
+    monkeypatch.setattr(bgtrace.stuck, "oldest_ages", lambda _: ages)
+    for value in (0.005, 0.5, 5.0):
+        with metrics.lock:
+            metrics.thread_wait_for(labels).add(value)
+    for encoder, openmetrics_format in (
+        (generate_latest, False),
+        (openmetrics.generate_latest, True),
+    ):
+        direct = render_registry(registry, encoder, openmetrics=openmetrics_format)
+        assert direct == encoder(registry)
+    text = render_registry(registry, generate_latest, openmetrics=False).decode()
+    assert 'bgtask_oldest_running_seconds{origin="handler",route="/back\\\\slash",' in text
+    assert "bgtask_thread_wait_seconds_count{" in text
+    # Every series has both ages, at 0 where nothing is in flight.
+    assert text.count("\nbgtask_oldest_queued_seconds{") == 2 * len(AWKWARD)

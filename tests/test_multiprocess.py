@@ -56,6 +56,9 @@ def samples(registry: CollectorRegistry) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
         if not s.name.endswith("_created")  # prometheus_client's own metrics have these
+        # At 0 for every series in one process; in files only once a task was in flight at a
+        # flush (see FileValues.flush_why): tests/test_stuck.py pins both.
+        and "_oldest_" not in s.name
     }
 
 
@@ -234,3 +237,45 @@ def test_a_flush_thread_that_cannot_start_is_logged_and_tried_again(
     monkeypatch.setattr(multiprocess, "_flusher_pid", 0)
     metrics.series("app.audit", "handler", "/send")
     assert multiprocess._flusher_pid == os.getpid()
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_oldest_ages_are_live_maximums_written_at_each_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bgtrace.stuck
+
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0, 10.0), 200)
+    some_tasks(metrics)
+    labels = ("app.send", "handler", "/send")
+    monkeypatch.setattr(bgtrace.stuck, "oldest_ages", lambda _: {labels: (7.5, 2.0)})
+    metrics.flush()
+    assert metrics._files is not None
+    assert metrics._files.oldest_running._multiprocess_mode == "livemax"
+    assert registry.get_sample_value("bgtask_oldest_running_seconds", LABELS) == 7.5
+    assert registry.get_sample_value("bgtask_oldest_queued_seconds", LABELS) == 2.0
+    # A series never in flight at a flush has none (see FileValues.flush_why).
+    other = {"task": "app.audit", "origin": "dependency", "route": "/send"}
+    assert registry.get_sample_value("bgtask_oldest_running_seconds", other) is None
+    monkeypatch.setattr(bgtrace.stuck, "oldest_ages", lambda _: {})
+    metrics.flush()
+    assert registry.get_sample_value("bgtask_oldest_running_seconds", LABELS) == 0
+    assert registry.get_sample_value("bgtask_oldest_queued_seconds", LABELS) == 0
+
+
+@pytest.mark.usefixtures("multiprocess")
+def test_thread_waits_reach_the_files_in_batches() -> None:
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0, 10.0), 200)
+    labels = ("app.send", "handler", "/send")
+    for rounds in (2, 3):
+        for _ in range(rounds):
+            with metrics.lock:
+                histogram = metrics.thread_wait_for(labels)
+                histogram.add(0.5)
+                histogram.dirty = True
+        metrics.flush()
+        metrics.flush()
+    assert registry.get_sample_value("bgtask_thread_wait_seconds_count", LABELS) == 5
+    assert registry.get_sample_value("bgtask_thread_wait_seconds_sum", LABELS) == 2.5

@@ -7,6 +7,8 @@
 * ``POST /import?rows=N`` queues ``import_contacts`` *before* checking ``rows``: a too-large
   import answers 413 and its task never runs, counted in ``bgtask_dropped_total`` with
   ``reason="request_error"``.
+* ``POST /reports/{report_id}`` queues ``build_report``, a ``def`` task that runs for seconds:
+  long enough to show in ``bgtask_oldest_running_seconds``, and to hold threadpool threads.
 
 Serve it with ``uvicorn bgtrace.demo.app:app``. Spans go to an OTLP/HTTP endpoint when the
 standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``configure_tracing``).
@@ -78,6 +80,11 @@ async def import_contacts(rows: int) -> None:
     await asyncio.sleep(_work(0.00005 * rows))
 
 
+def build_report(report_id: int) -> None:
+    # A slow synchronous export: it holds a threadpool thread while it runs.
+    time.sleep(_work(5.0))
+
+
 async def audit_trail(request: Request, background_tasks: BackgroundTasks) -> None:
     """A dependency that records who did what, after the response."""
     background_tasks.add_task(write_audit, request.method, request.url.path)
@@ -116,6 +123,11 @@ def _build(lifespan: Lifespan | None, middleware_options: dict[str, Any]) -> Fas
         if rows > MAX_IMPORT_ROWS:
             raise HTTPException(413, f"at most {MAX_IMPORT_ROWS} rows per import")
         return {"rows": rows, "pid": os.getpid()}
+
+    @app.post("/reports/{report_id}", status_code=202)
+    async def report(report_id: int, background_tasks: BackgroundTasks) -> dict[str, int]:
+        background_tasks.add_task(build_report, report_id)
+        return {"report_id": report_id, "pid": os.getpid()}
 
     return app
 
