@@ -201,7 +201,7 @@ class WorkerFiles:
             for _, data in opened:
                 data.close()
         # prometheus_client's own summing (per gauge mode, buckets made cumulative).
-        merged = list(_accumulate(others, True)) if others else []
+        merged = _accumulate(others) if others else []
         own = [_values(ns, sums) for ns in self._namespaces.values()]
         return [values for values in own if values is not None], merged
 
@@ -515,8 +515,14 @@ def _values(ns: _Namespace, sums: list[float]) -> LocalValues | None:
     return LocalValues(ns.name, tuple(float(le) for le in ns.les), series, post)
 
 
-# Private, in every release bgtrace supports; were it gone, the scrape takes the slow way.
-_accumulate: Callable[[dict[str, Any], bool], Any] = MultiProcessCollector._accumulate_metrics
+def _accumulate(others: dict[str, Any]) -> list[Any]:
+    """prometheus_client's own summing of other metrics' samples (per gauge mode, buckets
+    made cumulative): private, in every release bgtrace supports, so looked up here; were it
+    gone, the directory is read with ``MultiProcessCollector`` from then on."""
+    accumulate = getattr(MultiProcessCollector, "_accumulate_metrics", None)
+    if not callable(accumulate):
+        raise Unfit("prometheus_client's MultiProcessCollector._accumulate_metrics is not there")
+    return list(accumulate(others, True))
 
 
 def _add_others(others: dict[str, Any], entries: list[_Other], doubles: Any) -> None:

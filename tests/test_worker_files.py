@@ -152,9 +152,9 @@ def test_two_workers_add_up_as_prometheus_client_adds_them(
     summed: list[str] = []
     original = worker_files._accumulate
 
-    def accumulate(metrics: dict[str, Any], accumulate: bool) -> Any:
+    def accumulate(metrics: dict[str, Any]) -> Any:
         summed.extend(metrics)
-        return original(metrics, accumulate)
+        return original(metrics)
 
     monkeypatch.setattr(worker_files, "_accumulate", accumulate)
 
@@ -268,7 +268,7 @@ def test_an_error_in_the_reader_is_logged_and_the_scrape_still_answered(
     monkeypatch.setattr(logs, "_reported", set())
     run_worker(directory, "app.mail")
 
-    def broken(metrics: dict[str, Any], accumulate: bool) -> Any:
+    def broken(metrics: dict[str, Any]) -> Any:
         raise RuntimeError("prometheus_client changed")
 
     monkeypatch.setattr(worker_files, "_accumulate", broken)
