@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import mmap
 import os
 import struct
@@ -41,6 +42,7 @@ from .families import (
     TASK_LABELS,
     Family,
     LocalValues,
+    collect,
     join_encoded,
     render,
 )  # fmt: skip
@@ -546,6 +548,13 @@ _reader: WorkerFiles | None = None
 _reader_lock = threading.Lock()
 # Directories holding something the reader does not add up: files only grow, so for good.
 _unfit: set[str] = set()
+# The process whose reader has checked its sums against MultiProcessCollector's (once per
+# process: that read takes seconds with thousands of series), and the checks left to try
+# while the files keep changing under every comparison.
+_checked_pid = 0
+_checks_left = 5
+# Differences named in the one warning; the rest are counted.
+_SHOWN_DIFFERENCES = 3
 
 
 def render_directory(directory: str, encoder: Callable[[Any], bytes], openmetrics: bool) -> bytes:
@@ -573,6 +582,8 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
             if _reader is None or _reader.directory != directory:
                 _reader = WorkerFiles(directory)
             own, merged = _reader.collect()
+            if _checked_pid != os.getpid():
+                own, merged = _self_check(_reader, own, merged)
             return [piece for values in own for piece in render(values, openmetrics)], merged
         except Unfit as unfit:
             logs.logger.warning(
@@ -589,6 +600,80 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
         return None
 
 
+def _self_check(
+    reader: WorkerFiles, own: list[LocalValues], merged: list[Any]
+) -> tuple[list[LocalValues], list[Any]]:
+    """Compare the reader's sums of bgtrace's counters and histograms with
+    ``MultiProcessCollector``'s on the same files; raise ``Unfit`` on a difference.
+
+    The reader relies on prometheus_client's file layout and on what its values mean (bucket
+    values not cumulative, say): a release that changed either, keeping the files readable,
+    would otherwise give wrong sums without a word. The files change while they are read:
+    the reader reads them again after the collector, and only values that did not move
+    around the collector's read are compared (counters and histograms only grow, so an
+    unmoved value is the one the collector saw). Gauges go up and down, and are left out.
+    Returns the second reading, the newer one.
+    """
+    global _checked_pid, _checks_left
+    before = _bgtrace_samples(own)
+    if not before[0]:
+        return own, merged  # nothing of bgtrace's in the files yet: checked when there is
+    collector = MultiProcessCollector(None, path=reader.directory)  # type: ignore[no-untyped-call]
+    theirs = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for metric in collector.collect()  # type: ignore[no-untyped-call]
+        if metric.name in before[1]
+        for sample in metric.samples
+    }
+    own, merged = reader.collect()
+    after, _ = _bgtrace_samples(own)
+    differences = []
+    compared = 0
+    for key in before[0].keys() | theirs.keys():
+        ours = before[0].get(key, 0.0)
+        if ours != after.get(key, 0.0):
+            continue  # moved while the collector read: no telling what it saw
+        compared += 1
+        other = theirs.get(key, 0.0)
+        if not math.isclose(ours, other, rel_tol=1e-9, abs_tol=1e-9):
+            differences.append((key, ours, other))
+    if differences:
+        shown = "; ".join(
+            f"{name}{{{','.join(f'{k}={v!r}' for k, v in labels)}}}: bgtrace {ours!r}, "
+            f"prometheus_client {other!r}"
+            for (name, labels), ours, other in sorted(differences)[:_SHOWN_DIFFERENCES]
+        )
+        more = len(differences) - _SHOWN_DIFFERENCES
+        raise Unfit(
+            "its sums differ from MultiProcessCollector's on the same files (a prometheus_client"
+            f" release that changed its files?): {shown}"
+            + (f" (and {more} more)" if more > 0 else "")
+        )
+    _checks_left -= 1
+    if compared or _checks_left <= 0:
+        _checked_pid = os.getpid()
+    return own, merged
+
+
+def _bgtrace_samples(
+    own: list[LocalValues],
+) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], set[str]]:
+    """The samples of bgtrace's counters and histograms as ``/metrics`` gives them, and the
+    names of those families."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    names: set[str] = set()
+    for values in own:
+        for metric in collect(values):
+            if metric.type == "gauge":
+                continue
+            names.add(metric.name)
+            for sample in metric.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return found, names
+
+
 class _Collected:
     """Metrics already collected, in the shape an encoder reads a registry."""
 
@@ -601,9 +686,10 @@ class _Collected:
 
 def _forget_after_fork() -> None:
     # The lock may have been held by a scraping thread that the child does not have.
-    global _reader, _reader_lock
+    global _reader, _reader_lock, _checks_left
     _reader = None
     _reader_lock = threading.Lock()
+    _checks_left = 5  # and the child checks its reader once more (_checked_pid is not its pid)
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
