@@ -555,6 +555,8 @@ _checked_pid = 0
 _checks_left = 5
 # Differences named in the one warning; the rest are counted.
 _SHOWN_DIFFERENCES = 3
+# Series per namespace compared by the check (a change of meaning shows in every series).
+_CHECKED_SERIES = 200
 
 
 def render_directory(directory: str, encoder: Callable[[Any], bytes], openmetrics: bool) -> bytes:
@@ -608,29 +610,40 @@ def _self_check(
 
     The reader relies on prometheus_client's file layout and on what its values mean (bucket
     values not cumulative, say): a release that changed either, keeping the files readable,
-    would otherwise give wrong sums without a word. The files change while they are read:
-    the reader reads them again after the collector, and only values that did not move
-    around the collector's read are compared (counters and histograms only grow, so an
-    unmoved value is the one the collector saw). Gauges go up and down, and are left out.
-    Returns the second reading, the newer one.
+    would otherwise give wrong sums without a word. Such a change shows in every series, so
+    the first ``_CHECKED_SERIES`` of each namespace are compared (and every post-response
+    histogram): the collector's read of the whole directory is the cost, once per process.
+    The files change while they are read: the reader reads them again after the collector,
+    and only values that did not move around the collector's read are compared (counters and
+    histograms only grow, so an unmoved value is the one the collector saw). Gauges go up and
+    down, and are left out. Returns the second reading, the newer one.
     """
     global _checked_pid, _checks_left
-    before = _bgtrace_samples(own)
-    if not before[0]:
+    chosen = {
+        (values.namespace, one.labels)
+        for values in own
+        for one in list(values.series)[:_CHECKED_SERIES]
+    }
+    before, names = _bgtrace_samples(own, chosen)
+    if not before:
         return own, merged  # nothing of bgtrace's in the files yet: checked when there is
     collector = MultiProcessCollector(None, path=reader.directory)  # type: ignore[no-untyped-call]
-    theirs = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for metric in collector.collect()  # type: ignore[no-untyped-call]
-        if metric.name in before[1]
-        for sample in metric.samples
-    }
+    theirs = {}
+    for metric in collector.collect():  # type: ignore[no-untyped-call]
+        if metric.name not in names:
+            continue
+        for sample in metric.samples:
+            labels = sample.labels
+            triple = (labels.get("task"), labels.get("origin"), labels.get("route"))
+            if "task" in labels and triple not in names[metric.name]:
+                continue
+            theirs[(sample.name, tuple(sorted(labels.items())))] = sample.value
     own, merged = reader.collect()
-    after, _ = _bgtrace_samples(own)
+    after, _ = _bgtrace_samples(own, chosen)
     differences = []
     compared = 0
-    for key in before[0].keys() | theirs.keys():
-        ours = before[0].get(key, 0.0)
+    for key in before.keys() | theirs.keys():
+        ours = before.get(key, 0.0)
         if ours != after.get(key, 0.0):
             continue  # moved while the collector read: no telling what it saw
         compared += 1
@@ -655,18 +668,24 @@ def _self_check(
     return own, merged
 
 
+_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
 def _bgtrace_samples(
-    own: list[LocalValues],
-) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], set[str]]:
-    """The samples of bgtrace's counters and histograms as ``/metrics`` gives them, and the
-    names of those families."""
-    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    names: set[str] = set()
+    own: list[LocalValues], chosen: set[tuple[str, tuple[str, str, str]]]
+) -> tuple[dict[_SampleKey, float], dict[str, set[tuple[str, str, str]]]]:
+    """The samples of bgtrace's counters and histograms as ``/metrics`` gives them, for the
+    ``chosen`` series (namespace, labels) and every post-response histogram; and per family
+    name, the label sets of the series taken."""
+    found: dict[_SampleKey, float] = {}
+    names: dict[str, set[tuple[str, str, str]]] = {}
     for values in own:
-        for metric in collect(values):
+        series = [one for one in values.series if (values.namespace, one.labels) in chosen]
+        subset = LocalValues(values.namespace, values.bounds, series, values.post_response)
+        for metric in collect(subset):
             if metric.type == "gauge":
                 continue
-            names.add(metric.name)
+            names[metric.name] = {one.labels for one in series}
             for sample in metric.samples:
                 if sample.name.endswith("_created"):
                     continue
