@@ -63,12 +63,16 @@ class LocalSeries:
     """
 
     __slots__ = (
-        "completed", "dirty", "drops", "duration", "enqueued", "failures", "head",
+        "changed", "completed", "dirty", "drops", "duration", "enqueued", "failures", "head",
         "in_progress", "labels", "lock", "queue_length", "queue_wait", "tail", "text",
     )  # fmt: skip
 
     def __init__(
-        self, labels: tuple[str, str, str], bounds: tuple[float, ...], lock: threading.RLock
+        self,
+        labels: tuple[str, str, str],
+        bounds: tuple[float, ...],
+        lock: threading.RLock,
+        changed: list[LocalSeries] | None = None,
     ) -> None:
         self.labels = labels
         self.lock = lock
@@ -88,19 +92,29 @@ class LocalSeries:
         self.drops: dict[str, int] = {}
         self.queue_wait = LocalHistogram(bounds, lock)
         self.duration = LocalHistogram(bounds, lock)
-        # Changed since multiprocess mode last copied it to the files.
+        # Changed since multiprocess mode last copied it to the files; and there, the list of
+        # its set's changed series, which it joins as it turns dirty: a flush visits those
+        # only. In one process it turns dirty once and stays so (nothing reads it).
         self.dirty = False
+        self.changed = changed
+
+    def _changed(self) -> None:
+        self.dirty = True
+        if self.changed is not None:
+            self.changed.append(self)
 
     def queued(self) -> None:
         self.enqueued += 1
         self.queue_length += 1
-        self.dirty = True
+        if not self.dirty:
+            self._changed()
 
     def started(self, wait: float) -> None:
         self.queue_wait.add(wait)
         self.queue_length -= 1
         self.in_progress += 1
-        self.dirty = True
+        if not self.dirty:
+            self._changed()
 
     def finished(
         self, elapsed: float, outcome: str, error_type: str | None, exemplar: Exemplar | None
@@ -111,7 +125,8 @@ class LocalSeries:
         index = histogram.add(elapsed)
         self.in_progress -= 1
         self.completed[outcome] += 1
-        self.dirty = True
+        if not self.dirty:
+            self._changed()
         if error_type is not None:
             self.failures[error_type] = self.failures.get(error_type, 0) + 1
         if exemplar is not None:
@@ -124,7 +139,8 @@ class LocalSeries:
     def dropped(self, reason: str) -> None:
         self.queue_length -= 1
         self.drops[reason] = self.drops.get(reason, 0) + 1
-        self.dirty = True
+        if not self.dirty:
+            self._changed()
 
 
 def exemplar(trace_id: str, value: float) -> Exemplar:

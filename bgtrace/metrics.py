@@ -122,6 +122,8 @@ class TaskMetrics:
         self._local_post_response: dict[str, LocalHistogram] = {}
         # bgtask_thread_wait_seconds by label set: def tasks only, so made at the first one.
         self._thread_wait: dict[tuple[str, str, str], LocalHistogram] = {}
+        # Multiprocess mode: the series changed since the last flush (see accumulators).
+        self._changed: list[LocalSeries] | None = None
         self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
         for family in (*ALL_FAMILIES, *WHY_FAMILIES):
@@ -130,6 +132,7 @@ class TaskMetrics:
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
         if multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
+            self._changed = []
             publish(self)
         else:
             self._collector = _LocalCollector(self)
@@ -155,10 +158,8 @@ class TaskMetrics:
 
     def flush(self) -> None:
         """Multiprocess mode: copy what changed to prometheus_client's files."""
-        if self._files is not None:
-            self._files.flush(
-                list(self._local_series.values()), dict(self._local_post_response), self._lock
-            )
+        if self._files is not None and self._changed is not None:
+            self._files.flush(self._changed, dict(self._local_post_response), self._lock)
             from . import stuck  # imports records, which imports this module
 
             self._files.flush_why(stuck.oldest_ages(self), dict(self._thread_wait), self._lock)
@@ -171,6 +172,7 @@ class TaskMetrics:
         self._local_post_response = {}
         self._thread_wait = {}
         if self._files is not None:
+            self._changed = []
             self._files.forget_written()
 
     def values(self) -> LocalValues:
@@ -225,7 +227,7 @@ class TaskMetrics:
         with self._lock:
             found = self._series.get(labels)
             if found is None:
-                found = LocalSeries(labels, self.buckets, self._lock)
+                found = LocalSeries(labels, self.buckets, self._lock, self._changed)
                 self._local_series[labels] = found
                 self._series[labels] = found
             # Remember the raw key too, so the next lookup skips the limiters; past the bound

@@ -13,17 +13,18 @@ adds bgtrace's metrics up with the rest; bgtrace's own ``/metrics`` reads them f
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
-from . import logs
+from . import logs, private
 from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
 from .families import (
     COMPLETED,
@@ -130,6 +131,7 @@ class FileValues:
 
     def __init__(self, registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]):
         self.registry = registry
+        self.bounds = buckets
 
         def name(family: Family) -> str:
             return full_name(namespace, family)
@@ -250,21 +252,24 @@ class FileValues:
 
     def flush(
         self,
-        series: Iterable[LocalSeries],
+        series: list[LocalSeries],
         post_response: Mapping[str, LocalHistogram],
         lock: threading.RLock,
     ) -> None:
-        """Write what changed in ``series`` and ``post_response`` since the last flush."""
+        """Write what changed since the last flush: the series listed in ``series`` (each
+        joins it as it turns dirty; emptied here) and ``post_response``'s dirty histograms."""
         # One flush at a time: each adds the difference to what the previous one wrote.
         with _flush_lock:
             # Read and mark clean together, under the lock the updates take: an update made
-            # after the read flags its series again for the next flush.
+            # after the read flags its series again for the next flush. Only the changed
+            # series are visited: thousands of quiet ones cost nothing under the lock.
             with lock:
                 changed = []
                 for one in series:
                     if one.dirty:
                         one.dirty = False
                         changed.append((one.labels, _read(one)))
+                series.clear()
                 posts = []
                 for route, histogram in post_response.items():
                     if histogram.dirty:
@@ -285,7 +290,8 @@ class FileValues:
                     child = self._post_children.get(route)
                     if child is None:
                         child = self._post_children[route] = self.post_response.labels(route)
-                    _add(child, now_post, self._written_post.get(route, self._empty))
+                    before = self._written_post.get(route, self._empty)
+                    _add(child, now_post, before, self.bounds)
                 except Exception:
                     logs.internal_error("multiprocess write")
                 self._written_post[route] = now_post
@@ -313,22 +319,75 @@ class FileValues:
                 was = was_counts.get(value, 0)
                 if count != was:
                     metric.labels(*labels, value).inc(count - was)
-        _add(children.queue_wait, now[6], before[6])
-        _add(children.duration, now[7], before[7])
+        _add(children.queue_wait, now[6], before[6], self.bounds)
+        _add(children.duration, now[7], before[7], self.bounds)
 
 
-def _add(child: Any, now: _Histogram, before: _Histogram) -> None:
+def _add(child: Any, now: _Histogram, before: _Histogram, bounds: tuple[float, ...]) -> None:
     """Add the difference of two readings of a histogram to a prometheus_client one.
 
     Its public ``observe()`` takes one value at a time; a batch goes to the bucket values
     themselves (``_buckets`` holds the counts per bucket, not cumulative, ``+Inf`` last, and
-    ``_sum`` the sum: the layout of every prometheus_client release bgtrace supports)."""
+    ``_sum`` the sum: the layout of every prometheus_client release bgtrace supports). Where a
+    release changed that layout, the batch is replayed through ``observe()`` (``_replay``)."""
     counts, total = now
-    for value, count, was in zip(child._buckets, counts, before[0], strict=True):
+    buckets = getattr(child, "_buckets", None)
+    sum_value: Any = getattr(child, "_sum", None)
+    if not (
+        isinstance(buckets, list)
+        and len(buckets) == len(counts)
+        and all(callable(getattr(value, "inc", None)) for value in buckets)
+        and callable(getattr(sum_value, "inc", None))
+    ):
+        private.missing(
+            "prometheus_client Histogram's _buckets and _sum",
+            "histograms reach the files through observe(), one call per observation",
+        )
+        _replay(child, bounds, [c - w for c, w in zip(counts, before[0], strict=True)],
+                total - before[1])  # fmt: skip
+        return
+    for value, count, was in zip(buckets, counts, before[0], strict=True):
         if count != was:
             value.inc(count - was)
     if total != before[1]:
-        child._sum.inc(total - before[1])
+        sum_value.inc(total - before[1])
+
+
+def _replay(child: Any, bounds: tuple[float, ...], counts: list[int], total: float) -> None:
+    """Observe values that fall in the buckets of ``counts`` (per bucket, ``+Inf`` last) and
+    add up to ``total``: the bucket counts come out exact, the sum up to float rounding. The
+    observations themselves are gone; any values in their buckets with their sum will do."""
+    for value, count in _stand_ins(bounds, counts, total):
+        for _ in range(count):
+            child.observe(value)
+
+
+def _stand_ins(
+    bounds: tuple[float, ...], counts: list[int], total: float
+) -> list[tuple[float, int]]:
+    """(value, how many times) per non-empty bucket, each value inside its bucket, the sum of
+    all of them ``total`` (when the real observations allow it, as they do)."""
+    finite = counts[: len(bounds)]
+    at_inf = counts[len(bounds)] if len(counts) > len(bounds) else 0
+    # Each bucket's range: durations are not negative; a bound belongs to its own bucket.
+    lows = [min(0.0, bounds[0]) if bounds else 0.0]
+    lows += [math.nextafter(bound, math.inf) for bound in bounds[:-1]]
+    highs = list(bounds)
+    low_sum = sum(c * low for c, low in zip(finite, lows, strict=True) if c > 0)
+    high_sum = sum(c * high for c, high in zip(finite, highs, strict=True) if c > 0)
+    found: list[tuple[float, int]] = []
+    target = total
+    if at_inf > 0:
+        above = math.nextafter(bounds[-1], math.inf) if bounds else 0.0
+        beyond = max(above, (total - high_sum) / at_inf)
+        found.append((beyond, at_inf))
+        target = total - beyond * at_inf
+    share = (target - low_sum) / (high_sum - low_sum) if high_sum > low_sum else 1.0
+    share = min(1.0, max(0.0, share))
+    for count, low, high in zip(finite, lows, highs, strict=True):
+        if count > 0:
+            found.append((min(high, max(low, low + share * (high - low))), count))
+    return found
 
 
 # --- when the values reach the files -------------------------------------------------------

@@ -4,6 +4,15 @@ FastAPI routes carry a ``dependant`` tree naming the endpoint and every (sub-)de
 When a task is queued we walk up the calling frames and look each frame's code object up in
 that tree. This works the same for sync functions run in the threadpool, coroutines,
 generator dependencies and helpers called by any of them.
+
+One code object can run as several functions: a decorator's wrapper (``functools.wraps``) is
+one code for every function it decorates, and so is a nested function made by a factory. A
+frame of such a code (one with free variables) stands for a dependency only when its free
+variables hold that dependency's own closure values: a helper sharing a dependency's decorator
+is not mistaken for the dependency, and a task queued by a dependency's own wrapper (before it
+calls the wrapped function) is still the dependency's. A wrapper without a closure (a
+decorator class's ``__call__``) cannot be told apart this way: only the function it wraps
+identifies its dependency.
 """
 
 from __future__ import annotations
@@ -26,9 +35,72 @@ MAX_FRAMES = 96
 
 # code object -> None for the endpoint, or the dependency's qualified name
 _CodeMap = dict[types.CodeType, "str | None"]
+# A code with free variables (a wrapper, a nested function) -> per function made of it, its
+# closure's values and what it stands for, first come first tried.
+_Closures = dict[types.CodeType, "list[tuple[tuple[Any, ...], str | None]]"]
+
+
+class _Codes:
+    """What the code objects on the stack stand for, for one route (or the overrides)."""
+
+    __slots__ = ("closures", "plain")
+
+    def __init__(self) -> None:
+        self.plain: _CodeMap = {}
+        self.closures: _Closures = {}
+
+    def add(self, call: Any, name: str | None, *, first: bool) -> None:
+        """Map the codes that run when FastAPI calls ``call``; ``first``: ahead of any earlier
+        meaning of the same code (the endpoint wins over a dependency that is the same
+        function)."""
+        for code, closure in _code_objects(call):
+            if closure is None:
+                if first or code not in self.plain:
+                    self.plain[code] = name
+                continue
+            owners = self.closures.setdefault(code, [])
+            if first:
+                owners.insert(0, (closure, name))
+            else:
+                owners.append((closure, name))
+
+    def lookup(self, frame: types.FrameType) -> tuple[bool, str | None]:
+        """``(found, name)`` for the code ``frame`` runs."""
+        code = frame.f_code
+        if code in self.plain:
+            return True, self.plain[code]
+        owners = self.closures.get(code)
+        if owners is None:
+            return False, None
+        values = _free_values(frame, code)
+        if values is None:
+            return False, None
+        for closure, name in owners:
+            if len(closure) == len(values) and all(
+                a is b for a, b in zip(closure, values, strict=True)
+            ):
+                return True, name
+        return False, None
+
+
+_UNSET = object()
+
+
+def _free_values(frame: types.FrameType, code: types.CodeType) -> tuple[Any, ...] | None:
+    """The values of ``frame``'s free variables, in ``co_freevars`` order.
+
+    Read through ``f_locals`` (a snapshot before Python 3.13, a view since), only for frames
+    of codes that run as several functions: rare on the walk, and at most once per frame."""
+    try:
+        local = frame.f_locals
+        return tuple(local.get(name, _UNSET) for name in code.co_freevars)
+    except Exception:
+        return None
+
+
 # Routes define __eq__ without __hash__, so key by id and keep a weak reference to check that
 # the id still names the same route.
-_code_maps: dict[int, tuple[weakref.ref[Any], _CodeMap]] = {}
+_code_maps: dict[int, tuple[weakref.ref[Any], _Codes]] = {}
 _MAX_ROUTES = 4096
 
 
@@ -47,22 +119,29 @@ def detect(
     overrides = _override_codes(route)
     if frame is None:
         frame = sys._getframe(1)
+    plain, closures = codes.plain, codes.closures
     for _ in range(MAX_FRAMES):
         if frame is None:
             break
         code = frame.f_code
-        if code in codes:
-            name = codes[code]
+        if code in plain:
+            name = plain[code]
             return (HANDLER, None) if name is None else (DEPENDENCY, name)
-        if overrides and code in overrides:
-            return DEPENDENCY, overrides[code]
+        if closures and code in closures:
+            found, name = codes.lookup(frame)
+            if found:
+                return (HANDLER, None) if name is None else (DEPENDENCY, name)
+        if overrides is not None and (code in overrides.plain or code in overrides.closures):
+            found, name = overrides.lookup(frame)
+            if found:
+                return DEPENDENCY, name
         if code is stop:
             break
         frame = frame.f_back
     return OTHER, None
 
 
-def _route_codes(route: Any, dependant: Any) -> _CodeMap:
+def _route_codes(route: Any, dependant: Any) -> _Codes:
     cached = _code_maps.get(id(route))
     if cached is not None and cached[0]() is route:
         return cached[1]
@@ -73,9 +152,10 @@ def _route_codes(route: Any, dependant: Any) -> _CodeMap:
     return codes
 
 
-def _codes_of(dependant: Any) -> _CodeMap:
-    codes: _CodeMap = {}
-    # Sub-dependencies first, so that an endpoint also used as a dependency reads as handler.
+def _codes_of(dependant: Any) -> _Codes:
+    codes = _Codes()
+    # The endpoint goes first among meanings of a code: an endpoint also used as a dependency
+    # reads as handler.
     stack = list(getattr(dependant, "dependencies", ()))
     seen: set[int] = set()
     while stack:
@@ -85,19 +165,16 @@ def _codes_of(dependant: Any) -> _CodeMap:
         seen.add(id(sub))
         call = getattr(sub, "call", None)
         if call is not None:
-            name = qualified(*task_name(call))
-            for code in _code_objects(call):
-                codes.setdefault(code, name)
+            codes.add(call, qualified(*task_name(call)), first=False)
         stack.extend(getattr(sub, "dependencies", ()))
-    for code in _code_objects(getattr(dependant, "call", None)):
-        codes[code] = None
+    codes.add(getattr(dependant, "call", None), None, first=True)
     return codes
 
 
-_overrides_seen: tuple[tuple[int, ...], _CodeMap] | None = None
+_overrides_seen: tuple[tuple[int, ...], _Codes] | None = None
 
 
-def _override_codes(route: Any) -> _CodeMap | None:
+def _override_codes(route: Any) -> _Codes | None:
     global _overrides_seen
     provider = getattr(route, "dependency_overrides_provider", None)
     overrides = getattr(provider, "dependency_overrides", None)
@@ -107,18 +184,17 @@ def _override_codes(route: Any) -> _CodeMap | None:
     key = (id(overrides), *map(id, overrides.values()))
     if _overrides_seen is not None and _overrides_seen[0] == key:
         return _overrides_seen[1]
-    codes: _CodeMap = {}
+    codes = _Codes()
     for call in overrides.values():
-        name = qualified(*task_name(call))
-        for code in _code_objects(call):
-            codes[code] = name
+        codes.add(call, qualified(*task_name(call)), first=True)
     _overrides_seen = (key, codes)
     return codes
 
 
-def _code_objects(call: Any) -> list[types.CodeType]:
-    """The code objects that run when FastAPI calls ``call``."""
-    found: list[types.CodeType] = []
+def _code_objects(call: Any) -> list[tuple[types.CodeType, tuple[Any, ...] | None]]:
+    """The code objects that run when FastAPI calls ``call``, each with the values of its
+    function's closure (``None`` for a function without one: its code is its own)."""
+    found: list[tuple[types.CodeType, tuple[Any, ...] | None]] = []
     for _ in range(8):
         if isinstance(call, functools.partial):
             call = call.func
@@ -135,6 +211,8 @@ def _code_objects(call: Any) -> list[types.CodeType]:
         # An instance with __call__ used as a dependency.
         dunder_call = "__call__"  # an attribute lookup, not a callable() test
         candidates.append(getattr(type(call), dunder_call, None))
+        # A wrapper object (a decorator class) around a function: that function's frame.
+        candidates.append(getattr(call, "__wrapped__", None))
     for candidate in candidates:
         # functools.wraps decorators: both the wrapper and every wrapped layer may be on stack.
         for _ in range(8):
@@ -142,9 +220,25 @@ def _code_objects(call: Any) -> list[types.CodeType]:
             if isinstance(func, (staticmethod, classmethod)):
                 func = func.__func__
             code = getattr(func, "__code__", None)
-            if isinstance(code, types.CodeType) and code not in found:
-                found.append(code)
+            if isinstance(code, types.CodeType):
+                closure = _closure_values(func, code)
+                # Compared by identity: closure values may define any __eq__.
+                if not any(c is code and v is closure for c, v in found):
+                    found.append((code, closure))
             candidate = getattr(func, "__wrapped__", None)
             if candidate is None:
                 break
     return found
+
+
+def _closure_values(func: Any, code: types.CodeType) -> tuple[Any, ...] | None:
+    if not code.co_freevars:
+        return None
+    cells = getattr(func, "__closure__", None) or ()
+    values = []
+    for cell in cells:
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell: a name assigned later in the enclosing function
+            values.append(_UNSET)
+    return tuple(values)

@@ -19,9 +19,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
-from starlette import background
+from starlette import background, concurrency
 
-from . import inflight, logs
+from . import inflight, logs, private
 from .accumulators import exemplar
 from .config import Config, default_config
 from .metrics import Series
@@ -375,8 +375,15 @@ async def run_in_thread(task: Any, record: TaskRecord) -> None:
     """A def task run as Starlette runs it, but started inside its worker thread, so that a
     saturated threadpool shows as queue wait. The task object itself is not touched: the same
     object may be running for another response right now."""
-    # Looked up in Starlette's module at each call, as Starlette's own method does.
-    run_in_threadpool = vars(background)["run_in_threadpool"]
+    # Looked up in Starlette's module at each call, as Starlette's own method does (so that
+    # whoever replaces it there is obeyed); the public function where a release moved it.
+    run_in_threadpool = getattr(background, "run_in_threadpool", None)
+    if run_in_threadpool is None:
+        private.missing(
+            "starlette.background.run_in_threadpool",
+            "def tasks run through starlette.concurrency.run_in_threadpool",
+        )
+        run_in_threadpool = concurrency.run_in_threadpool
     try:
         await run_in_threadpool(_ThreadStart(task.func, record), *task.args, **task.kwargs)
     except BaseException as exc:

@@ -53,6 +53,9 @@ def _selected(scope: Scope) -> Resolved:
     # which only its per-inclusion context carries (with the dependant actually solved).
     fastapi_scope = scope.get("fastapi")
     if isinstance(fastapi_scope, dict):
+        frontend = _frontend(scope, fastapi_scope)
+        if frontend is not None:
+            return frontend
         context = fastapi_scope.get("effective_route_context")
         path = getattr(context, "path_format", None)
         if isinstance(path, str):
@@ -65,6 +68,41 @@ def _selected(scope: Scope) -> Resolved:
         return "", route
     path = getattr(route, "path", None)
     return (path, route) if isinstance(path, str) else (NO_ROUTE, None)
+
+
+def _frontend(scope: Scope, fastapi_scope: dict[str, Any]) -> Resolved | None:
+    """A route of FastAPI's ``frontend()`` (0.13x+), which routing keeps apart from
+    ``routes`` and leaves out of the scope's ``route``: its template as FastAPI's own
+    telemetry writes it (``{prefix}/{path}``), and the object holding its dependencies.
+
+    FastAPI's names, all private, are looked up here: the file path it puts in the scope,
+    the per-inclusion context of a router's frontend, or the app router's route group. Where
+    they are gone, the task reads as before (``none``, ``other``)."""
+    rest = fastapi_scope.get("frontend_path")
+    path = scope.get("path")
+    if not isinstance(rest, str) or not isinstance(path, str) or "route" in scope:
+        return None
+    root_path = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    if not path.endswith(rest):
+        return None
+    template = path[: len(path) - len(rest)].rstrip("/") + "/{path}"
+    context = fastapi_scope.get("effective_route_context")
+    if getattr(context, "dependant", None) is not None:
+        return template, context  # a router's frontend, included with its dependencies
+    group = getattr(scope.get("router"), "_frontend_routes", None)
+    if getattr(group, "dependant", None) is not None:
+        return template, group
+    return template, _FRONTEND_WITHOUT_DEPENDENCIES
+
+
+class _FrontendWithoutDependencies:
+    """What routing selected when FastAPI's route group is not found: a route all the same
+    (its template stands), with no dependencies to tell an origin by."""
+
+
+_FRONTEND_WITHOUT_DEPENDENCIES = _FrontendWithoutDependencies()
 
 
 def _mount_prefix(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> str:

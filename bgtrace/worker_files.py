@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import mmap
 import os
 import struct
@@ -41,6 +42,7 @@ from .families import (
     TASK_LABELS,
     Family,
     LocalValues,
+    collect,
     join_encoded,
     render,
 )  # fmt: skip
@@ -201,7 +203,7 @@ class WorkerFiles:
             for _, data in opened:
                 data.close()
         # prometheus_client's own summing (per gauge mode, buckets made cumulative).
-        merged = list(_accumulate(others, True)) if others else []
+        merged = _accumulate(others) if others else []
         own = [_values(ns, sums) for ns in self._namespaces.values()]
         return [values for values in own if values is not None], merged
 
@@ -515,8 +517,14 @@ def _values(ns: _Namespace, sums: list[float]) -> LocalValues | None:
     return LocalValues(ns.name, tuple(float(le) for le in ns.les), series, post)
 
 
-# Private, in every release bgtrace supports; were it gone, the scrape takes the slow way.
-_accumulate: Callable[[dict[str, Any], bool], Any] = MultiProcessCollector._accumulate_metrics
+def _accumulate(others: dict[str, Any]) -> list[Any]:
+    """prometheus_client's own summing of other metrics' samples (per gauge mode, buckets
+    made cumulative): private, in every release bgtrace supports, so looked up here; were it
+    gone, the directory is read with ``MultiProcessCollector`` from then on."""
+    accumulate = getattr(MultiProcessCollector, "_accumulate_metrics", None)
+    if not callable(accumulate):
+        raise Unfit("prometheus_client's MultiProcessCollector._accumulate_metrics is not there")
+    return list(accumulate(others, True))
 
 
 def _add_others(others: dict[str, Any], entries: list[_Other], doubles: Any) -> None:
@@ -540,6 +548,15 @@ _reader: WorkerFiles | None = None
 _reader_lock = threading.Lock()
 # Directories holding something the reader does not add up: files only grow, so for good.
 _unfit: set[str] = set()
+# The process whose reader has checked its sums against MultiProcessCollector's (once per
+# process: that read takes seconds with thousands of series), and the checks left to try
+# while the files keep changing under every comparison.
+_checked_pid = 0
+_checks_left = 5
+# Differences named in the one warning; the rest are counted.
+_SHOWN_DIFFERENCES = 3
+# Series per namespace compared by the check (a change of meaning shows in every series).
+_CHECKED_SERIES = 200
 
 
 def render_directory(directory: str, encoder: Callable[[Any], bytes], openmetrics: bool) -> bytes:
@@ -567,6 +584,8 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
             if _reader is None or _reader.directory != directory:
                 _reader = WorkerFiles(directory)
             own, merged = _reader.collect()
+            if _checked_pid != os.getpid():
+                own, merged = _self_check(_reader, own, merged)
             return [piece for values in own for piece in render(values, openmetrics)], merged
         except Unfit as unfit:
             logs.logger.warning(
@@ -583,6 +602,97 @@ def _read(directory: str, openmetrics: bool) -> tuple[list[bytes], list[Any]] | 
         return None
 
 
+def _self_check(
+    reader: WorkerFiles, own: list[LocalValues], merged: list[Any]
+) -> tuple[list[LocalValues], list[Any]]:
+    """Compare the reader's sums of bgtrace's counters and histograms with
+    ``MultiProcessCollector``'s on the same files; raise ``Unfit`` on a difference.
+
+    The reader relies on prometheus_client's file layout and on what its values mean (bucket
+    values not cumulative, say): a release that changed either, keeping the files readable,
+    would otherwise give wrong sums without a word. Such a change shows in every series, so
+    the first ``_CHECKED_SERIES`` of each namespace are compared (and every post-response
+    histogram): the collector's read of the whole directory is the cost, once per process.
+    The files change while they are read: the reader reads them again after the collector,
+    and only values that did not move around the collector's read are compared (counters and
+    histograms only grow, so an unmoved value is the one the collector saw). Gauges go up and
+    down, and are left out. Returns the second reading, the newer one.
+    """
+    global _checked_pid, _checks_left
+    chosen = {
+        (values.namespace, one.labels)
+        for values in own
+        for one in list(values.series)[:_CHECKED_SERIES]
+    }
+    before, names = _bgtrace_samples(own, chosen)
+    if not before:
+        return own, merged  # nothing of bgtrace's in the files yet: checked when there is
+    collector = MultiProcessCollector(None, path=reader.directory)  # type: ignore[no-untyped-call]
+    theirs = {}
+    for metric in collector.collect():  # type: ignore[no-untyped-call]
+        if metric.name not in names:
+            continue
+        for sample in metric.samples:
+            labels = sample.labels
+            triple = (labels.get("task"), labels.get("origin"), labels.get("route"))
+            if "task" in labels and triple not in names[metric.name]:
+                continue
+            theirs[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    own, merged = reader.collect()
+    after, _ = _bgtrace_samples(own, chosen)
+    differences = []
+    compared = 0
+    for key in before.keys() | theirs.keys():
+        ours = before.get(key, 0.0)
+        if ours != after.get(key, 0.0):
+            continue  # moved while the collector read: no telling what it saw
+        compared += 1
+        other = theirs.get(key, 0.0)
+        if not math.isclose(ours, other, rel_tol=1e-9, abs_tol=1e-9):
+            differences.append((key, ours, other))
+    if differences:
+        shown = "; ".join(
+            f"{name}{{{','.join(f'{k}={v!r}' for k, v in labels)}}}: bgtrace {ours!r}, "
+            f"prometheus_client {other!r}"
+            for (name, labels), ours, other in sorted(differences)[:_SHOWN_DIFFERENCES]
+        )
+        more = len(differences) - _SHOWN_DIFFERENCES
+        raise Unfit(
+            "its sums differ from MultiProcessCollector's on the same files (a prometheus_client"
+            f" release that changed its files?): {shown}"
+            + (f" (and {more} more)" if more > 0 else "")
+        )
+    _checks_left -= 1
+    if compared or _checks_left <= 0:
+        _checked_pid = os.getpid()
+    return own, merged
+
+
+_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _bgtrace_samples(
+    own: list[LocalValues], chosen: set[tuple[str, tuple[str, str, str]]]
+) -> tuple[dict[_SampleKey, float], dict[str, set[tuple[str, str, str]]]]:
+    """The samples of bgtrace's counters and histograms as ``/metrics`` gives them, for the
+    ``chosen`` series (namespace, labels) and every post-response histogram; and per family
+    name, the label sets of the series taken."""
+    found: dict[_SampleKey, float] = {}
+    names: dict[str, set[tuple[str, str, str]]] = {}
+    for values in own:
+        series = [one for one in values.series if (values.namespace, one.labels) in chosen]
+        subset = LocalValues(values.namespace, values.bounds, series, values.post_response)
+        for metric in collect(subset):
+            if metric.type == "gauge":
+                continue
+            names[metric.name] = {one.labels for one in series}
+            for sample in metric.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return found, names
+
+
 class _Collected:
     """Metrics already collected, in the shape an encoder reads a registry."""
 
@@ -595,9 +705,10 @@ class _Collected:
 
 def _forget_after_fork() -> None:
     # The lock may have been held by a scraping thread that the child does not have.
-    global _reader, _reader_lock
+    global _reader, _reader_lock, _checks_left
     _reader = None
     _reader_lock = threading.Lock()
+    _checks_left = 5  # and the child checks its reader once more (_checked_pid is not its pid)
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
@@ -279,3 +280,39 @@ def test_thread_waits_reach_the_files_in_batches() -> None:
         metrics.flush()
     assert registry.get_sample_value("bgtask_thread_wait_seconds_count", LABELS) == 5
     assert registry.get_sample_value("bgtask_thread_wait_seconds_sum", LABELS) == 2.5
+
+
+@pytest.mark.usefixtures("multiprocess", "flush_thread_paused")
+def test_a_flush_visits_only_the_series_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker with thousands of quiet series pays nothing for them at each flush (it holds
+    the lock every task takes while it looks)."""
+    from bgtrace import multiprocess
+
+    visited: list[int] = []
+    original = multiprocess.FileValues.flush
+
+    def counting(self: Any, series: Any, *args: Any) -> None:
+        visited.append(len(list(series)))
+        original(self, series, *args)
+
+    monkeypatch.setattr(multiprocess.FileValues, "flush", counting)
+    registry = CollectorRegistry()
+    metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
+    quiet = [metrics.series(f"app.task{i}", "handler", "/send") for i in range(150)]
+    with metrics.lock:
+        for series in quiet:
+            series.queued()
+    metrics.flush()
+    assert visited == [150]
+
+    busy = quiet[:3]
+    with metrics.lock:
+        for series in busy:
+            series.queued()
+            series.started(0.002)
+    metrics.flush()
+    metrics.flush()  # nothing changed since
+    assert visited[1:] == [3, 0]
+    labels = {"task": "app.task0", "origin": "handler", "route": "/send"}
+    assert registry.get_sample_value("bgtask_enqueued_total", labels) == 2
+    assert registry.get_sample_value("bgtask_in_progress", labels) == 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 import string
+from pathlib import Path
 
-from fastapi import APIRouter, BackgroundTasks, FastAPI
+import pytest
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -112,3 +114,48 @@ def test_middleware_wrapped_by_hand_finds_routes(
     app = BackgroundTaskMiddleware(inner, registry=registry)
     TestClient(app).post("/hand/1")
     assert samples.label_values("bgtask_enqueued_total", "route") == {"/hand/{x}"}
+
+
+# --- FastAPI's frontend() routes (0.13x+): kept apart from ``routes``, no ``route`` in scope --
+
+needs_frontend = pytest.mark.skipif(
+    not hasattr(FastAPI, "frontend"), reason="this FastAPI has no app.frontend()"
+)
+
+
+def frontend_app(registry: CollectorRegistry, build: Path) -> FastAPI:
+    (build / "index.html").write_text("<html></html>")
+    app = FastAPI(dependencies=[Depends(_queue)])
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    app.frontend("/", directory=str(build))  # type: ignore[attr-defined]
+    router = APIRouter()
+    router.frontend("/ui", directory=str(build))  # type: ignore[attr-defined]
+    app.include_router(router, prefix="/v1")
+    return app
+
+
+@needs_frontend
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [("/", "/{path}"), ("/docs/guide", "/{path}"), ("/v1/ui/settings", "/v1/ui/{path}")],
+)
+def test_a_frontend_routes_app_dependency_counts_with_its_route_and_origin(
+    registry: CollectorRegistry, samples: Samples, tmp_path: Path, path: str, template: str
+) -> None:
+    client = TestClient(frontend_app(registry, tmp_path))
+    assert client.get(path, headers={"accept": "text/html"}).status_code == 200
+    assert samples("bgtask_completed_total", task="tests.apps.write_log", origin="dependency",
+                   route=template, outcome="success") == 1  # fmt: skip
+
+
+@needs_frontend
+def test_a_frontend_route_without_fastapis_private_route_group_keeps_its_route(
+    registry: CollectorRegistry, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI's route group is private: where a release moved it, the route stays right and
+    the origin reads ``other`` (pinned: what is reported then)."""
+    app = frontend_app(registry, tmp_path)
+    monkeypatch.delattr(app.router, "_frontend_routes")
+    TestClient(app).get("/docs/guide", headers={"accept": "text/html"})
+    assert samples("bgtask_completed_total", task="tests.apps.write_log", origin="other",
+                   route="/{path}", outcome="success") == 1  # fmt: skip

@@ -36,9 +36,12 @@ WRITER = str(Path(__file__).with_name("worker_writer.py"))
 
 @pytest.fixture
 def directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty multiprocess directory, and a reader that knows nothing yet."""
+    """An empty multiprocess directory, and a reader that knows nothing yet (and checks its
+    sums at its first scrape, as in a new worker process)."""
     monkeypatch.setattr(worker_files, "_reader", None)
     monkeypatch.setattr(worker_files, "_unfit", set())
+    monkeypatch.setattr(worker_files, "_checked_pid", 0)
+    monkeypatch.setattr(worker_files, "_checks_left", 5)
     return tmp_path
 
 
@@ -152,9 +155,9 @@ def test_two_workers_add_up_as_prometheus_client_adds_them(
     summed: list[str] = []
     original = worker_files._accumulate
 
-    def accumulate(metrics: dict[str, Any], accumulate: bool) -> Any:
+    def accumulate(metrics: dict[str, Any]) -> Any:
         summed.extend(metrics)
-        return original(metrics, accumulate)
+        return original(metrics)
 
     monkeypatch.setattr(worker_files, "_accumulate", accumulate)
 
@@ -270,7 +273,7 @@ def test_an_error_in_the_reader_is_logged_and_the_scrape_still_answered(
     monkeypatch.setattr(logs, "_reported", set())
     run_worker(directory, "app.mail")
 
-    def broken(metrics: dict[str, Any], accumulate: bool) -> Any:
+    def broken(metrics: dict[str, Any]) -> Any:
         raise RuntimeError("prometheus_client changed")
 
     monkeypatch.setattr(worker_files, "_accumulate", broken)
@@ -433,3 +436,95 @@ def test_a_worker_that_stopped_inside_its_first_histogram_does_not_stop_the_read
     assert not caplog.records and worker_files._reader is not None
     late = {key: value for key, value in found.items() if ("task", "app.late") in key[1]}
     assert late and set(late.values()) == {0.0}
+
+
+def make_buckets_cumulative(directory: Path) -> None:
+    """Rewrite every histogram's bucket values in the files as running totals, as a
+    prometheus_client release might store them: still readable, another meaning."""
+    for path in directory.glob("histogram_*.db"):
+        values = MmapedDict.read_all_values_from_file(str(path))
+        groups: dict[str, list[tuple[float, str, float]]] = {}
+        for key, value, _timestamp, _position in values:
+            metric_name, name, labels, _help = json.loads(key)
+            if name.endswith("_bucket"):
+                rest = {k: v for k, v in labels.items() if k != "le"}
+                group = json.dumps([metric_name, rest], sort_keys=True)
+                groups.setdefault(group, []).append((float(labels["le"]), key, value))
+        written = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+        for buckets in groups.values():
+            total = 0.0
+            for _le, key, value in sorted(buckets):
+                total += value
+                written.write_value(key, total, 0.0)  # type: ignore[no-untyped-call]
+        written.close()  # type: ignore[no-untyped-call]
+
+
+def read_cumulative_buckets(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``MultiProcessCollector._read_metrics`` of that release: it knows bucket values are
+    running totals, per file."""
+
+    def read(files: Any) -> Any:
+        merged: dict[str, Any] = {}
+        for file in files:
+            for name, metric in original([file]).items():
+                running: dict[Any, float] = {}
+                samples = []
+                # Label sets here are sorted tuples of pairs, as prometheus_client reads them.
+                for sample in sorted(
+                    metric.samples, key=lambda s: float(dict(s.labels).get("le", 0))
+                ):
+                    if sample.name.endswith("_bucket"):
+                        group = tuple(i for i in sample.labels if i[0] != "le")
+                        before = running.get(group, 0.0)
+                        running[group] = sample.value
+                        sample = sample._replace(value=sample.value - before)
+                    samples.append(sample)
+                metric.samples = samples
+                if name in merged:
+                    merged[name].samples += samples
+                else:
+                    merged[name] = metric
+        return merged
+
+    return read
+
+
+def test_a_reader_whose_sums_differ_from_prometheus_clients_warns_once_and_steps_aside(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_worker(directory, "app.mail,app.audit", rounds=2)
+    run_worker(directory, "app.mail", rounds=1)
+    make_buckets_cumulative(directory)
+    original = MultiProcessCollector._read_metrics
+    monkeypatch.setattr(MultiProcessCollector, "_read_metrics",
+                        staticmethod(read_cumulative_buckets(original)))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bgtrace"):
+        assert samples(fast(directory)) == samples(collector(directory))
+        assert fast(directory) == collector(directory)  # from then on, as the collector gives it
+    (warning,) = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
+    # What differed, in one line: a metric, its labels and both values, a few of them.
+    assert "bgtask_duration_seconds_bucket{" in warning or "queue_wait_seconds_bucket{" in warning
+    assert "bgtrace " in warning and "prometheus_client " in warning and "more)" in warning
+    assert warning.count("; ") == 2 and "\n" not in warning
+
+
+def test_the_reader_checks_its_sums_once_per_process_and_agrees(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_worker(directory, "app.mail,app.audit", rounds=2)
+    run_worker(directory, "app.mail", rounds=3)
+    reads: list[int] = []
+    original = MultiProcessCollector.collect
+
+    def counting(self: Any) -> Any:
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(MultiProcessCollector, "collect", counting)
+    with caplog.at_level(logging.WARNING, logger="bgtrace"):
+        for _ in range(3):
+            fast(directory)
+    assert len(reads) == 1  # the check, at the first scrape only
+    assert not caplog.records
+    assert "tmp" not in str(worker_files._unfit)
+    assert worker_files._reader is not None
