@@ -245,7 +245,7 @@ class FileValues:
                     child = self._wait_children.get(labels)
                     if child is None:
                         child = self._wait_children[labels] = self.thread_wait.labels(*labels)
-                    _add(child, now_wait, self._written_waits.get(labels, self._empty))
+                    _add(child, now_wait, self._written_waits.get(labels, self._empty), self.bounds)
                 except Exception:
                     logs.internal_error("multiprocess write")
                 self._written_waits[labels] = now_wait
