@@ -37,7 +37,12 @@ import results  # noqa: E402
 from variants import SHAPES, VARIANT_NAMES, VARIANTS, build  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
-SERVER_VARIANTS = ["bare", "bgtrace", "bgtrace+tracing"]
+# Every tool in the same rounds, and the span floor: what the SDK alone does to the tail.
+SERVER_VARIANTS = [
+    "bare", "bgtrace", "bgtrace+tracing", "instrumentator", "starlette-exporter", "otel-fastapi",
+    "fastapi-telemetry", "fastapi-telemetry+bgtrace", "otel-fastapi+bgtrace", "span-floor",
+    "count-floor",
+]  # fmt: skip
 MEMORY_CASES = [
     ("bare", "async"), ("bgtrace", "async"), ("bgtrace+tracing", "async"),
     ("bgtrace+tracing", "def"),
@@ -72,7 +77,7 @@ QUICK = Settings(
     rounds=3, batch=100, warmup=10, knockout_rounds=2, knockout_batch=100,
     profile_requests=300, server_rounds=2, server_seconds=2, server_warmup=1, connections=16,
     memory_checkpoints=(1_000, 5_000), memory_cases=(("bgtrace+tracing", "async"),),
-    server_variants=("bare", "bgtrace"),
+    server_variants=("bare", "bgtrace", "bgtrace+tracing", "fastapi-telemetry+bgtrace"),
 )  # fmt: skip
 
 
@@ -239,7 +244,12 @@ def server_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
             "rps": statistics.median(r["rps"] for r in mine),
             "rps_ratio": statistics.median(ratios) if ratios else float("nan"),
             "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+            "p90_ms": statistics.median(r["p90_ms"] for r in mine),
             "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+            "p999_ms": statistics.median(r["p999_ms"] for r in mine),
+            "p99_ratio": statistics.median(
+                r["p99_ms"] / bare[r["round"]]["p99_ms"] for r in mine if r["round"] in bare
+            ) if bare else float("nan"),
             "errors": sum(r["errors"] for r in mine),
             "cpu_us": statistics.median(cpu) if cpu else None,
             "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
@@ -278,6 +288,11 @@ def targets(data: dict[str, Any], quick: bool) -> list[tuple[str, str, str]]:
                 f"{tracing['added_us']:.1f} us vs {half:.1f} us (half of {otel['added_us']:.1f})",
                 verdict(tracing["added_us"] <= half),
             ))  # fmt: skip
+    if rows:
+        out += _floor_targets(rows, verdict)
+    server = data.get("server")
+    if server:
+        out += _tail_targets(server_summary(server), verdict)
     render = data.get("render")
     if render:
         slowest = max(render["text_ms"], render["openmetrics_ms"])
@@ -298,6 +313,52 @@ def targets(data: dict[str, Any], quick: bool) -> list[tuple[str, str, str]]:
         first, last = memory[0]["points"][0]["requests"], memory[0]["points"][-1]["requests"]
         out.append((f"RSS growth {first:,} -> {last:,} requests < 2 MiB (worst bgtrace case)",
                     f"{growth:+.2f} MiB", verdict(growth < 2)))  # fmt: skip
+    return out
+
+
+TRACING_PEERS = ("otel-fastapi", "fastapi-telemetry")
+
+
+def _floor_targets(rows: list[dict[str, Any]], verdict: Any) -> list[tuple[str, str, str]]:
+    """Issue 17's in-process targets: near the floors, and cheap on top of other tracers."""
+    out: list[tuple[str, str, str]] = []
+    metrics, tracing = _row(rows, "bgtrace"), _row(rows, "bgtrace+tracing")
+    count_floor, span_floor = _row(rows, "count-floor"), _row(rows, "span-floor")
+    if metrics and count_floor:
+        limit = 2 * count_floor["added_us"]
+        out.append(("metrics only: added cost <= 2x count-floor's",
+                    f"{metrics['added_us']:.1f} us vs {limit:.1f} us",
+                    verdict(metrics["added_us"] <= limit)))  # fmt: skip
+    if metrics and tracing and span_floor:
+        limit = span_floor["added_us"] + metrics["added_us"]
+        out.append(("tracing: added cost <= span-floor's + bgtrace's metrics-only",
+                    f"{tracing['added_us']:.1f} us vs {limit:.1f} us",
+                    verdict(tracing["added_us"] <= limit)))  # fmt: skip
+    for peer in TRACING_PEERS:
+        alone, both = _row(rows, peer), _row(rows, f"{peer}+bgtrace")
+        if metrics and alone and both:
+            added = both["added_us"] - alone["added_us"]
+            limit = metrics["added_us"] + 15
+            out.append((f"bgtrace on top of {peer}: <= its metrics-only cost + 15 us",
+                        f"{added:.1f} us vs {limit:.1f} us", verdict(added <= limit)))  # fmt: skip
+    return out
+
+
+def _tail_targets(summary: list[dict[str, Any]], verdict: Any) -> list[tuple[str, str, str]]:
+    """Issue 17's real-server targets: the p99 next to the bare app's and the tracing peers'."""
+    out: list[tuple[str, str, str]] = []
+    by_name = {r["variant"]: r for r in summary}
+    metrics, tracing = by_name.get("bgtrace"), by_name.get("bgtrace+tracing")
+    if metrics:
+        ratio = metrics["p99_ratio"]
+        out.append(("real server: metrics-only p99 <= 1.3x the bare app's (median of rounds)",
+                    f"{ratio:.2f}x", verdict(ratio <= 1.3)))  # fmt: skip
+    peers = [by_name[p] for p in TRACING_PEERS if p in by_name]
+    if tracing and peers:
+        best = min(peers, key=lambda r: r["p99_ms"])
+        out.append((f"real server: tracing p99 <= the best tracing peer's ({best['variant']})",
+                    f"{tracing['p99_ms']:.2f} ms vs {best['p99_ms']:.2f} ms",
+                    verdict(tracing["p99_ms"] <= best["p99_ms"])))  # fmt: skip
     return out
 
 
@@ -370,7 +431,8 @@ def _in_process_md(rows_by_shape: dict[str, list[dict[str, Any]]], s: Settings) 
     return parts
 
 
-RUN_HEADER = ["round", "variant", "requests/s", "p50 ms", "p99 ms", "server CPU us", "requests"]
+RUN_HEADER = ["round", "variant", "requests/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+              "server CPU us", "requests"]  # fmt: skip
 
 
 def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
@@ -387,8 +449,9 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
         "`bgtask_completed_total` over requests sent (a little over 2: requests in flight when "
         "the load stops ran their tasks but are not counted)."
     )
-    header = ["variant", "runs", "requests/s (median)", "vs bare", "p50 ms", "p99 ms",
-              "server CPU us/request", "vs bare", "errors", "tasks/request"]  # fmt: skip
+    header = ["variant", "runs", "requests/s (median)", "vs bare", "p50 ms", "p90 ms", "p99 ms",
+              "p99 vs bare", "p99.9 ms", "server CPU us/request", "vs bare", "errors",
+              "tasks/request"]  # fmt: skip
     summary = [
         [
             r["variant"],
@@ -396,7 +459,10 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
             _f(r["rps"], 0),
             f"{r['rps_ratio']:.3f}",
             _f(r["p50_ms"], 2),
+            _f(r["p90_ms"], 2),
             _f(r["p99_ms"], 2),
+            _f(r["p99_ratio"], 2),
+            _f(r["p999_ms"], 2),
             _f(r["cpu_us"]),
             _f(r["cpu_ratio"], 3),
             r["errors"],
@@ -405,8 +471,8 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
         for r in server_summary(data)
     ]
     runs = [
-        [r["round"], r["variant"], _f(r["rps"], 0), _f(r["p50_ms"], 2), _f(r["p99_ms"], 2),
-         _f(r["server_cpu_us"]), r["requests"]]
+        [r["round"], r["variant"], _f(r["rps"], 0), _f(r["p50_ms"], 2), _f(r["p90_ms"], 2),
+         _f(r["p99_ms"], 2), _f(r["p999_ms"], 2), _f(r["server_cpu_us"]), r["requests"]]
         for r in data["runs"]
     ]  # fmt: skip
     return [

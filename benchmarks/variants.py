@@ -38,6 +38,14 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("starlette-exporter", "starlette-exporter PrometheusMiddleware, /metrics route"),
     ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
     ("fastapi-telemetry", "FastAPI's native telemetry, same SDK set-up"),
+    (
+        "fastapi-telemetry+bgtrace",
+        "FastAPI's native telemetry and bgtrace (metrics and tracing) on one SDK provider",
+    ),
+    (
+        "otel-fastapi+bgtrace",
+        "opentelemetry-instrumentation-fastapi and bgtrace (metrics and tracing), one provider",
+    ),
     ("span-floor", "reference: bgtrace's span contract alone, same SDK set-up (see below)"),
     (
         "count-floor",
@@ -46,6 +54,8 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ),
 )
 VARIANT_NAMES = tuple(name for name, _ in VARIANTS)
+# On the real server these run under a global tracer provider, as their users run them.
+GLOBAL_PROVIDER_VARIANTS = frozenset(("fastapi-telemetry+bgtrace", "otel-fastapi+bgtrace"))
 PATH = "/send-notification/alice@example.com"
 QUERY = b"q=hello"
 
@@ -203,7 +213,7 @@ def _otel_fastapi(shape: str) -> Variant:
     return Variant("otel-fastapi", shape, app, activate, deactivate, provider, exporter)
 
 
-def _fastapi_telemetry(shape: str) -> Variant | None:
+def _fastapi_telemetry(shape: str, with_bgtrace: bool = False) -> Variant | None:
     try:
         import fastapi.telemetry  # noqa: F401
     except ImportError:
@@ -212,8 +222,44 @@ def _fastapi_telemetry(shape: str) -> Variant | None:
     # An explicit provider, never the global one: a global SDK provider would switch FastAPI's
     # telemetry on in every other variant's app too. Metrics and logs stay off because their
     # global providers are unconfigured: tracing alone, as in the other tracing variants.
+    # With bgtrace, both get the same provider: what a user's global provider gives both.
     app = tutorial_app(shape, telemetry={"tracer_provider": provider})
-    return Variant("fastapi-telemetry", shape, app, provider=provider, exporter=exporter)
+    if not with_bgtrace:
+        return Variant("fastapi-telemetry", shape, app, provider=provider, exporter=exporter)
+    registry = CollectorRegistry()
+    app.add_middleware(
+        bgtrace.BackgroundTaskMiddleware, registry=registry, tracer_provider=provider
+    )
+    return Variant(
+        "fastapi-telemetry+bgtrace", shape, app, bgtrace.instrument, bgtrace.uninstrument,
+        provider, exporter, registry,
+    )  # fmt: skip
+
+
+def _otel_fastapi_with_bgtrace(shape: str) -> Variant:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    provider, exporter = sdk_tracer_provider()
+    registry = CollectorRegistry()
+    app = tutorial_app(shape)
+    app.add_middleware(
+        bgtrace.BackgroundTaskMiddleware, registry=registry, tracer_provider=provider
+    )
+
+    def activate() -> None:
+        # As users install them: bgtrace's middleware (patching at construction), then the
+        # instrumentor, whose task span bgtrace adopts.
+        bgtrace.instrument()
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+        app.middleware_stack = None
+
+    def deactivate() -> None:
+        FastAPIInstrumentor.uninstrument_app(app)
+        bgtrace.uninstrument()
+
+    return Variant(
+        "otel-fastapi+bgtrace", shape, app, activate, deactivate, provider, exporter, registry
+    )
 
 
 class _SpanFloor:
@@ -376,6 +422,10 @@ def build(name: str, shape: str) -> Variant | None:
         return _otel_fastapi(shape)
     if name == "fastapi-telemetry":
         return _fastapi_telemetry(shape)
+    if name == "fastapi-telemetry+bgtrace":
+        return _fastapi_telemetry(shape, with_bgtrace=True)
+    if name == "otel-fastapi+bgtrace":
+        return _otel_fastapi_with_bgtrace(shape)
     if name == "span-floor":
         return _span_floor(shape)
     if name == "count-floor":
@@ -416,5 +466,10 @@ def server_app() -> Any:
     variant = build(os.environ.get("BENCH_VARIANT", "bare"), os.environ.get("BENCH_SHAPE", "async"))
     if variant is None:
         raise SystemExit("variant not available")
+    if variant.name in GLOBAL_PROVIDER_VARIANTS and variant.provider is not None:
+        # As users set these up: one global SDK provider (each server is its own process).
+        from opentelemetry import trace
+
+        trace.set_tracer_provider(variant.provider)
     switch_to(variant)
     return variant.app
