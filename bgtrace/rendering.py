@@ -3,8 +3,10 @@
 Not on the event loop (rendering thousands of series takes a while, and so does gzip), and
 not in anyio's worker threads either: their default limiter (40 tokens) is shared with the
 app's sync endpoints, sync dependencies and ``def`` tasks, which exhaust it exactly when
-someone needs the metrics. The thread starts when a render is asked for and ends when none
-is left, so an idle process has no thread for it, and a forked child starts afresh.
+someone needs the metrics. The thread is started by a process's first scrape (a forked
+child starts its own) and waits for the next one from then on: starting a thread at every
+scrape would stall the event loop until the new thread first runs, milliseconds on a busy
+machine.
 
 A scrape asking for a render that is already queued or running (same registry, format and
 encoding) waits for that one and gets its result: scrapes that pile up on a slow render
@@ -45,9 +47,10 @@ class _Render(Generic[T]):
 # Renders queued or running, by what they make; the queue holds the ones not started yet.
 _lock = threading.Lock()
 forks.guard(_lock, forks.RENDERS)
+_queued = threading.Condition(_lock)
 _pending: dict[Hashable, _Render[Any]] = {}
 _queue: deque[_Render[Any]] = deque()
-_running = False
+_thread_pid = 0  # the process whose render thread runs
 
 
 async def rendered(key: Hashable, work: Callable[[], T]) -> T:
@@ -82,16 +85,19 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
 
 
 def _submit(key: Hashable, work: Callable[[], T], wake: Callable[[], None]) -> _Render[T]:
-    global _running
+    global _thread_pid
+    pid = os.getpid()
     with _lock:
         job = _pending.get(key)
         if job is None:
             job = _pending[key] = _Render(key, work)
             _queue.append(job)
+            _queued.notify()
         job.wakers.append(wake)
-        start = not _running
-        _running = True
+        start = _thread_pid != pid
+        _thread_pid = pid
     if start:
+        # A daemon: a render still running when the process exits is of no use to anyone.
         thread = threading.Thread(target=_render_queued, name=THREAD_NAME, daemon=True)
         try:
             thread.start()
@@ -101,12 +107,10 @@ def _submit(key: Hashable, work: Callable[[], T], wake: Callable[[], None]) -> _
 
 
 def _render_queued() -> None:
-    global _running
     while True:
         with _lock:
-            if not _queue:
-                _running = False
-                return
+            while not _queue:
+                _queued.wait()
             job = _queue.popleft()
         try:
             job.result = job.work()
@@ -127,22 +131,23 @@ def _done(job: _Render[Any]) -> None:
 
 
 def _fail_queued(exc: BaseException) -> None:
-    global _running
+    global _thread_pid
     with _lock:
         failed = list(_queue)
         _queue.clear()
-        _running = False
+        _thread_pid = 0
     for job in failed:
         job.error = exc
         _done(job)
 
 
 def _forget_after_fork() -> None:
-    # The parent's scrapes are the parent's: a forked child has no thread rendering for them.
-    global _running
+    # The parent's scrapes are the parent's, and so is its render thread: the child's first
+    # scrape starts one of its own. (forks' hook, registered first, has freed the lock.)
+    global _queued
+    _queued = threading.Condition(_lock)
     _pending.clear()
     _queue.clear()
-    _running = False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

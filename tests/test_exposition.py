@@ -378,3 +378,25 @@ def test_metrics_answer_while_sync_endpoints_hold_every_default_thread(
         finally:
             release.set()
         assert [future.result().status_code for future in held] == [200] * 60
+
+
+def test_scrapes_render_in_one_thread_of_bgtraces_own(registry: CollectorRegistry) -> None:
+    """Started once per process: starting a thread per scrape would hold the event loop
+    until the new thread first runs."""
+    threads: list[threading.Thread] = []
+
+    class Where:
+        def collect(self) -> list[object]:
+            threads.append(threading.current_thread())
+            return []
+
+    registry.register(Where())  # type: ignore[arg-type]
+    app = metrics_app(registry)
+
+    async def scenario() -> None:
+        for _ in range(3):
+            assert status(await call(app, "/metrics", method="GET")) == 200
+
+    anyio.run(scenario)
+    assert len(set(threads)) == 1
+    assert threads[0].name == "bgtrace-metrics" and threads[0] is not threading.main_thread()
