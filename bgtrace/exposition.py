@@ -5,15 +5,17 @@ from __future__ import annotations
 import gzip
 import hmac
 import os
+from collections.abc import Callable
+from typing import Any
 
-import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from . import logs
 from .metrics import render_registry
 from .multiprocess import flush_all, multiprocess_dir, multiprocess_mode
+from .rendering import rendered
 from .worker_files import render_directory
 
 TOKEN_ENV = "BGTRACE_METRICS_TOKEN"
@@ -29,43 +31,51 @@ def _header(scope: Scope, name: bytes) -> str:
     return ""
 
 
-def _authorized(scope: Scope, expected: bytes) -> bool:
+def _authorized(scope: Scope, secret: bytes) -> bool:
     given = b""
     for key, value in scope.get("headers", ()):
         if key.lower() == b"authorization":
             given = bytes(value)
             break
-    # Constant time, so response timing does not reveal how much of a guess was right.
-    return hmac.compare_digest(given, expected)
+    # RFC 7235: the scheme is case-insensitive (``bearer x`` is valid), then one or more spaces.
+    scheme, _, credentials = given.partition(b" ")
+    # The token in constant time, so response timing does not reveal how much of a guess
+    # was right.
+    matches = hmac.compare_digest(credentials.lstrip(b" "), secret)
+    return matches and scheme.lower() == b"bearer"
 
 
-def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    encoder, content_type = choose_encoder(accept)
-    openmetrics = content_type.startswith("application/openmetrics-text")
+def _render(
+    registry: CollectorRegistry, encoder: Callable[[Any], bytes], openmetrics: bool, zipped: bool
+) -> bytes:
+    """The page (compressed when ``zipped``); runs in bgtrace's render thread."""
     if multiprocess_mode():
         # Every worker writes its own files, read at each scrape. This worker's are brought
         # up to date first (the others' are at most a second old).
         flush_all()
-        return render_directory(multiprocess_dir(), encoder, openmetrics), content_type
-    return render_registry(registry, encoder, openmetrics), content_type
+        body = render_directory(multiprocess_dir(), encoder, openmetrics)
+    else:
+        body = render_registry(registry, encoder, openmetrics)
+    return gzip.compress(body, compresslevel=GZIP_LEVEL) if zipped else body
 
 
-def metrics_app(registry: CollectorRegistry | None = None, *, token: str | None = None) -> ASGIApp:
-    """An ASGI app serving ``registry`` (default: prometheus_client's) for Prometheus.
+class MetricsApp:
+    """The ``/metrics`` ASGI app (see ``metrics_app``).
 
-    GET and HEAD; OpenMetrics when the scraper asks for it; gzip when accepted. With
-    ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum of every worker process instead.
-    With ``token`` (default: the ``BGTRACE_METRICS_TOKEN`` environment variable, when set and
-    not empty) a scrape must send ``Authorization: Bearer <token>``; anything else gets 401.
+    An instance, not a function, so that Starlette's ``Route`` (``app.add_route``) takes it
+    for an ASGI app: it wraps a plain function endpoint as ``request -> response``.
     """
-    source = REGISTRY if registry is None else registry
-    secret = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    expected = f"Bearer {secret}".encode() if secret else None
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    __slots__ = ("registry", "secret")
+
+    def __init__(self, registry: CollectorRegistry, secret: bytes | None) -> None:
+        self.registry = registry
+        self.secret = secret
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if expected is not None and not _authorized(scope, expected):
+        if self.secret is not None and not _authorized(scope, self.secret):
             challenge = [(b"www-authenticate", b'Bearer realm="metrics"')]
             await _respond(send, 401, b"Unauthorized\n", "text/plain", challenge, head=False)
             return
@@ -73,24 +83,44 @@ def metrics_app(registry: CollectorRegistry | None = None, *, token: str | None 
             allow = [(b"allow", b"GET, HEAD")]
             await _respond(send, 405, b"Method Not Allowed\n", "text/plain", allow, head=False)
             return
+        zipped = "gzip" in _header(scope, b"accept-encoding").lower()
         try:
-            # Rendering many series takes a while (a second for thousands): in a thread, the
-            # event loop keeps serving the app meanwhile.
-            body, content_type = await anyio.to_thread.run_sync(
-                _render, source, _header(scope, b"accept")
+            encoder, content_type = choose_encoder(_header(scope, b"accept"))
+            openmetrics = content_type.startswith("application/openmetrics-text")
+            registry = self.registry
+            # Rendering and compressing many series takes a while (a second for thousands):
+            # in bgtrace's own thread, shared with concurrent scrapes of the same page (see
+            # rendering), while the event loop serves the app.
+            body = await rendered(
+                (registry, content_type, zipped),
+                lambda: _render(registry, encoder, openmetrics, zipped),
             )
         except Exception:
             logs.internal_error("metrics exposition")
             await _respond(send, 500, b"metrics collection failed\n", "text/plain", [], head=False)
             return
         extra: list[tuple[bytes, bytes]] = []
-        if "gzip" in _header(scope, b"accept-encoding").lower():
-            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+        if zipped:
             extra.append((b"content-encoding", b"gzip"))
         extra.append((b"vary", b"Accept, Accept-Encoding"))
         await _respond(send, 200, body, content_type, extra, head=scope["method"] == "HEAD")
 
-    return app
+
+def metrics_app(
+    registry: CollectorRegistry | None = None, *, token: str | None = None
+) -> MetricsApp:
+    """An ASGI app serving ``registry`` (default: prometheus_client's) for Prometheus.
+
+    GET and HEAD; OpenMetrics when the scraper asks for it; gzip when accepted. With
+    ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum of every worker process instead.
+    With ``token`` (default: the ``BGTRACE_METRICS_TOKEN`` environment variable, when set and
+    not empty) a scrape must send ``Authorization: Bearer <token>`` (scheme in any case);
+    anything else gets 401. Serve it with ``app.add_route("/metrics", metrics_app())``, or
+    as a ``Route`` or ``Mount`` of its own.
+    """
+    source = REGISTRY if registry is None else registry
+    secret = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    return MetricsApp(source, secret.encode() if secret else None)
 
 
 async def _respond(

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec
 
 from starlette import background
 
+from . import forks
 from .records import (
     CLAIMED,
     STARLETTE_TASK_CALL,
@@ -31,6 +32,7 @@ P = ParamSpec("P")
 _TASK_CALL = STARLETTE_TASK_CALL
 
 _lock = threading.Lock()
+forks.guard(_lock, forks.INSTRUMENTATION)
 _factories: dict[tuple[type, str], Callable[[Any], Any]] = {}
 _installed: tuple[tuple[type, str, Any], ...] = ()
 _originals: dict[tuple[type, str], Any] = {}

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
+from . import forks
 from .accumulators import LocalHistogram, LocalSeries
 from .families import (
     ALL_FAMILIES,
@@ -53,6 +54,7 @@ class LabelLimiter:
         self._limit = limit
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        forks.guard(self._lock, forks.LABELS)
         self._warned = False
 
     def __call__(self, value: str) -> str:
@@ -130,6 +132,7 @@ class TaskMetrics:
             full_name(namespace, family)  # a bad namespace fails here, before registering
         # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
+        forks.guard(self._lock, forks.VALUES)
         if multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             self._changed = []
@@ -244,6 +247,7 @@ _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, TaskMetrics
     weakref.WeakKeyDictionary()
 )
 _by_registry_lock = threading.Lock()
+forks.guard(_by_registry_lock, forks.REGISTRIES)
 
 
 def task_metrics(

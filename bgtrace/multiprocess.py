@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
-from . import logs, private
+from . import forks, logs, private
 from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
 from .families import (
     COMPLETED,
@@ -53,6 +53,7 @@ FLUSH_INTERVAL = 1.0
 
 
 _exit_hook_lock = threading.Lock()
+forks.guard(_exit_hook_lock, forks.EXIT_HOOK)
 _exit_hook_registered = False
 
 
@@ -403,9 +404,9 @@ class Flushable(Protocol):
 # changed by one thread while another copies it fails).
 _flushed: weakref.WeakSet[Flushable] = weakref.WeakSet()
 _flushed_lock = threading.Lock()
-# Taken by every flush, and around a fork (see _before_fork).
+# Taken by every flush, and around a fork (see forks).
 _flush_lock = threading.Lock()
-# The lock of every metrics set in this mode, shared: a fork takes it (see _before_fork); one
+# The lock of every metrics set in this mode, shared: a fork takes it (see forks); one
 # lock per set would need an order to take several in, which a garbage collection running a
 # drop of another set's task (records.py) does not keep. Reentrant: see accumulators.
 VALUES_LOCK = threading.RLock()
@@ -464,26 +465,17 @@ def flush_all() -> None:
 
 
 # A fork copies locks as they are: one held by another thread (the flush thread writing,
-# a threadpool thread ending a task) would stay held in the child for ever. The forking
-# thread takes them all first, so the child starts with every one of them free; in the
-# order every other path takes them (none takes an earlier one while holding a later one).
-_FORK_LOCKS = (_flusher_lock, _flushed_lock, _flush_lock, VALUES_LOCK)
-
-
-def _before_fork() -> None:
-    for lock in _FORK_LOCKS:
-        lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for lock in reversed(_FORK_LOCKS):
-        lock.release()
+# a threadpool thread ending a task) would stay held in the child for ever. See forks.
+forks.guard(_flusher_lock, forks.FLUSHER)
+forks.guard(_flushed_lock, forks.PUBLISHED)
+forks.guard(_flush_lock, forks.FLUSH)
+forks.guard(VALUES_LOCK, forks.VALUES)
 
 
 def _after_fork_in_child() -> None:
     # A forked worker inherits its parent's values in memory; they are the parent's to
     # write. The child counts from zero, in files of its own pid (as prometheus_client does).
-    _after_fork_in_parent()
+    # (forks' own hook, registered first, has freed every lock by now.)
     for target in list(_flushed):
         try:
             target.forget_values()
@@ -491,9 +483,7 @@ def _after_fork_in_child() -> None:
             logs.internal_error("multiprocess fork")
 
 
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- the end of a worker -------------------------------------------------------------------

@@ -8,6 +8,7 @@ bgtrace's own bookkeeping is logged and never reaches the app or the task.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import types
 import weakref
@@ -60,7 +61,15 @@ NOT_ATTACHED = "not_attached"
 
 
 def is_cancellation(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError)
+    """Whether ``exc`` is the event loop's cancellation: asyncio's, or trio's under anyio's
+    trio backend. Decided by the exception alone, not by asking anyio for the running
+    backend: a def task ends in a worker thread, where no backend runs. trio is looked up
+    among the imported modules, never imported: an app running on trio imported it."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    cancelled = getattr(trio, "Cancelled", None)
+    return isinstance(cancelled, type) and isinstance(exc, cancelled)
 
 
 class TaskRecord:

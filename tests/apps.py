@@ -5,10 +5,10 @@ Tasks live at module level so that their ``task`` label is stable: ``tests.apps.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
+import anyio
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
@@ -106,4 +106,4 @@ class Gate:
         for _ in range(1000):
             if self.release.is_set():
                 return
-            await asyncio.sleep(0.01)
+            await anyio.sleep(0.01)

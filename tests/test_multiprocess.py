@@ -207,12 +207,14 @@ def test_a_set_taken_out_of_its_registry_still_writes_its_tasks() -> None:
 
 @pytest.mark.usefixtures("multiprocess")
 def test_the_worker_answering_a_scrape_writes_its_own_values_first() -> None:
+    from prometheus_client import generate_latest
+
     from bgtrace.exposition import _render
 
     registry = CollectorRegistry()
     metrics = TaskMetrics(registry, "", (0.01, 1.0), 200)
     some_tasks(metrics)
-    _render(registry, "")
+    _render(registry, generate_latest, openmetrics=False, zipped=False)
     assert registry.get_sample_value("bgtask_enqueued_total", LABELS) == 5
 
 
