@@ -31,7 +31,8 @@ def _header(scope: Scope, name: bytes) -> str:
     return ""
 
 
-def _authorized(scope: Scope, secret: bytes) -> bool:
+def authorized(scope: Scope, secret: bytes) -> bool:
+    """Whether the request bears ``Authorization: Bearer <secret>``."""
     given = b""
     for key, value in scope.get("headers", ()):
         if key.lower() == b"authorization":
@@ -75,7 +76,7 @@ class MetricsApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if self.secret is not None and not _authorized(scope, self.secret):
+        if self.secret is not None and not authorized(scope, self.secret):
             challenge = [(b"www-authenticate", b'Bearer realm="metrics"')]
             await _respond(send, 401, b"Unauthorized\n", "text/plain", challenge, head=False)
             return
@@ -119,8 +120,14 @@ def metrics_app(
     as a ``Route`` or ``Mount`` of its own.
     """
     source = REGISTRY if registry is None else registry
+    return MetricsApp(source, token_secret(token))
+
+
+def token_secret(token: str | None) -> bytes | None:
+    """The token a request must bear (``token``, else ``BGTRACE_METRICS_TOKEN`` when set and
+    not empty), or ``None`` when none is asked for: ``/metrics`` and the live page alike."""
     secret = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    return MetricsApp(source, secret.encode() if secret else None)
+    return secret.encode() if secret else None
 
 
 async def _respond(

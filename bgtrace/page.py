@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import inflight, logs
 from .accumulators import LocalHistogram
-from .exposition import TOKEN_ENV, _authorized
+from .exposition import authorized, token_secret
 from .metrics import TaskMetrics
 from .records import FAILURE, RUNNING, TaskRecord, sampled_trace_id
 
@@ -261,8 +261,7 @@ def tasks_app(
     browser passes the token once in the URL fragment (``#token=...``, never sent to a
     server) or the query, and the page keeps it in memory for its requests.
     """
-    secret = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    expected = f"Bearer {secret}".encode() if secret else None
+    expected = token_secret(token)
     url = trace_url if trace_url is not None else os.environ.get(TRACE_URL_ENV) or None
     if url is not None and "{trace_id}" not in url:
         raise ValueError(f"trace_url must contain '{{trace_id}}', got {url!r}")
@@ -282,7 +281,7 @@ def tasks_app(
             return
         head = method == "HEAD"
         if _wants_json(scope):
-            if expected is not None and not _authorized(scope, expected):
+            if expected is not None and not authorized(scope, expected):
                 challenge = [(b"www-authenticate", b'Bearer realm="metrics"')]
                 await _respond(
                     send, 401, b'{"error":"unauthorized"}', "application/json", challenge
