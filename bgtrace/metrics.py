@@ -19,9 +19,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from .accumulators import LocalHistogram, LocalSeries
+from .accumulators import LocalHistogram, LocalSeries, LoopValues, Threadpool
 from .families import (
     ALL_FAMILIES,
+    LOOP_FAMILIES,
     LocalValues,
     collect,
     describe,
@@ -121,10 +122,12 @@ class TaskMetrics:
         self._local_post_response: dict[str, LocalHistogram] = {}
         self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
-        for family in ALL_FAMILIES:
+        for family in (*ALL_FAMILIES, *LOOP_FAMILIES):
             full_name(namespace, family)  # a bad namespace fails here, before registering
         # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
+        # The event-loop watchdog's values (``watchdog``), updated from its thread.
+        self.loop = LoopValues(self._lock)
         if multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             publish(self)
@@ -156,6 +159,7 @@ class TaskMetrics:
             self._files.flush(
                 list(self._local_series.values()), dict(self._local_post_response), self._lock
             )
+            self._files.flush_loop(self.loop)
 
     def forget_values(self) -> None:
         """Multiprocess mode, in a forked child: start from zero (see multiprocess)."""
@@ -163,6 +167,7 @@ class TaskMetrics:
         self._local_series = {}
         self._post_response = {}
         self._local_post_response = {}
+        self.loop = LoopValues(self._lock)
         if self._files is not None:
             self._files.forget_written()
 
@@ -172,10 +177,25 @@ class TaskMetrics:
             self.buckets,
             list(self._local_series.values()),
             dict(self._local_post_response),
+            self.loop,
         )
 
     def render(self, openmetrics: bool) -> list[bytes]:
         return render(self.values(), openmetrics)
+
+    def loop_blocked(self, task: str, origin: str, route: str, seconds: float) -> None:
+        """Count ``seconds`` of event loop blocked; labels as a series' (bounded the same)."""
+        self.loop.add_blocked((self.task(task), origin, self.route(route)), seconds)
+        if self._files is not None:
+            ensure_flusher()
+
+    def loop_heartbeat(self, loop: int, lag: float, threadpool: Threadpool | None) -> None:
+        """One heartbeat of the watchdog on event loop ``loop``: its lag, and the loop's
+        threadpool reading (``None``: not read, or the loop is gone)."""
+        self.loop.observe_lag(lag)
+        self.loop.set_threadpool(loop, threadpool)
+        if self._files is not None:
+            ensure_flusher()
 
     def post_response_for(self, route: str) -> LocalHistogram:
         """The ``bgtask_post_response_seconds`` histogram for ``route``, looked up once."""

@@ -27,6 +27,7 @@ from .records import finish_request
 from .request import RequestState, current
 from .routes import NO_ROUTE, find_router_app
 from .spans import ATTR_ROUTE, carrier_getter, http_method, propagation_carrier
+from .watchdog import DEFAULT_THRESHOLD, check_threshold, ensure_watched
 
 RequestSpans = Literal["auto", "never"]
 REQUEST_SPAN_MODES = ("auto", "never")
@@ -52,6 +53,7 @@ class BackgroundTaskMiddleware:
         buckets: Sequence[float] | None = None,
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
         metrics_token: str | None = None,
+        loop_block_threshold: float | None = DEFAULT_THRESHOLD,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
@@ -67,6 +69,7 @@ class BackgroundTaskMiddleware:
         self._metrics_app = metrics_app(registry, token=metrics_token)
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
+        self._loop_block_threshold = check_threshold(loop_block_threshold)
         instrument()
         check_multiprocess_dir()
         forget_process_at_exit()
@@ -90,6 +93,8 @@ class BackgroundTaskMiddleware:
 
         ensure_instrumented()
         config = self._config
+        if self._loop_block_threshold is not None:
+            ensure_watched(config.metrics, self._loop_block_threshold)
         # Starlette puts the application in the scope before its middleware stack runs; a
         # middleware wrapped around the app by hand finds the routes through self.app.
         router_app = scope.get("app")

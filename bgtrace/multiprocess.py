@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
 from . import logs
-from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
+from .accumulators import LAG_BUCKETS, OUTCOMES, LocalHistogram, LocalSeries, LoopValues
 from .families import (
     COMPLETED,
     DROPPED,
@@ -32,10 +32,13 @@ from .families import (
     ENQUEUED,
     FAILURES,
     IN_PROGRESS,
+    LOOP_BLOCKED,
+    LOOP_LAG,
     POST_RESPONSE,
     QUEUE_LENGTH,
     QUEUE_WAIT,
     TASK_LABELS,
+    THREADPOOL_FAMILIES,
     Family,
     full_name,
 )  # fmt: skip
@@ -161,11 +164,24 @@ class FileValues:
         self._written_post: dict[str, _Histogram] = {}
         self._children: dict[tuple[str, str, str], _Children] = {}
         self._post_children: dict[str, Any] = {}
+        # The watchdog's (see families.LOOP_FAMILIES): the threadpool gauges are live sums.
+        self.loop_blocked = counter(LOOP_BLOCKED)
+        self.loop_lag = Histogram(
+            name(LOOP_LAG), LOOP_LAG.help, buckets=LAG_BUCKETS, registry=registry
+        )
+        self.threadpool = [
+            Gauge(name(f), f.help, multiprocess_mode="livesum", registry=registry)
+            for f in THREADPOOL_FAMILIES
+        ]
+        self._written_loop: tuple[dict[tuple[str, str, str], float], _Histogram, Any] = (
+            {}, ((0,) * (len(LAG_BUCKETS) + 1), 0.0), None,
+        )  # fmt: skip
 
     def unregister(self) -> None:
         for metric in (
             self.enqueued, self.completed, self.failures, self.dropped, self.duration,
             self.queue_wait, self.queue_length, self.in_progress, self.post_response,
+            self.loop_blocked, self.loop_lag, *self.threadpool,
         ):  # fmt: skip
             self.registry.unregister(metric)
 
@@ -173,6 +189,28 @@ class FileValues:
         """In a forked child: its files are new, and so are its values."""
         self._written.clear()
         self._written_post.clear()
+        self._written_loop = ({}, ((0,) * (len(LAG_BUCKETS) + 1), 0.0), None)
+
+    def flush_loop(self, loop: LoopValues) -> None:
+        """Write what the watchdog measured since the last flush."""
+        with _flush_lock:
+            with loop.lock:
+                if not loop.dirty:
+                    return
+                loop.dirty = False
+                now = (dict(loop.blocked), _histogram(loop.lag), loop.threadpool())
+            blocked, lag, threadpool = self._written_loop
+            try:
+                for labels, seconds in now[0].items():
+                    if seconds != blocked.get(labels, 0.0):
+                        self.loop_blocked.labels(*labels).inc(seconds - blocked.get(labels, 0.0))
+                _add(self.loop_lag, now[1], lag)
+                if now[2] != threadpool:
+                    for gauge, value in zip(self.threadpool, now[2], strict=True):
+                        gauge.set(value)
+            except Exception:
+                logs.internal_error("multiprocess write")
+            self._written_loop = now
 
     def flush(
         self,
