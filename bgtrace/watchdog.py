@@ -156,8 +156,8 @@ class _Watch:
         self.returned = True  # the last heartbeat came back and was counted
         self.next_send = 0.0
         self.stalled = False  # the loop stopped (not blocked) while a heartbeat was out
-        self.checked_running = 0.0
         self.block: _Block | None = None
+        self.observer: _TaskEnds | None = None
 
     @classmethod
     def here(cls) -> _Watch | _Unwatchable:
@@ -227,16 +227,17 @@ class _Watch:
         overdue = now - self.sent_at
         if overdue < self.threshold:
             return self.threshold - overdue
-        if self.stalled or now - self.checked_running > 0.1:
-            self.checked_running = now
-            if not self.running():
-                # Stopped, not blocked: whatever the thread does now is not the loop's.
-                self.stalled = True
-                self.block = None
-                if self.closed():
-                    self.end()
-                    return math.inf
-                return 0.1
+        # At every sample: a loop that stopped or closed with a heartbeat out is not blocked,
+        # and its thread's ident may be another thread's by now. (Asyncio's check reads an
+        # attribute; trio's sends a callback.)
+        if not self.running():
+            self.stalled = True
+            self.block = None
+            self._stop_observing()
+            if self.closed():
+                self.end()
+                return math.inf
+            return 0.1
         self._sample(now)
         return SAMPLE_INTERVAL
 
@@ -245,6 +246,7 @@ class _Watch:
         lag = self.ran_at - self.sent_at
         stalled, self.stalled = self.stalled, False
         block, self.block = self.block, None
+        self._stop_observing()
         if stalled:
             return
         for metrics in self.metrics:
@@ -273,9 +275,20 @@ class _Watch:
         else:
             culprit, places = _attribute(frame, self.ident, self.metrics)
         block.add(culprit, places, now)
+        if culprit.record is not None and self.observer is None:
+            # A task that blocks usually ends as the block does, and its span with it, before
+            # the heartbeat runs: told of its end, the span gets its event while still open.
+            self.observer = _TaskEnds(self)
+            inflight.add_observer(self.observer)
+
+    def _stop_observing(self) -> None:
+        if self.observer is not None:
+            inflight.remove_observer(self.observer)
+            self.observer = None
 
     def end(self) -> None:
         self.ended = True
+        self._stop_observing()
         for metrics in self.metrics:
             try:
                 metrics.loop.set_threadpool(id(self), None)
@@ -324,6 +337,17 @@ class _Culprit:
 
 
 _UNKNOWN_KEY = ("unknown",)
+# The loop thread waits for events: the heartbeat is late because the process did not get the
+# CPU or the GIL (many busy threads), not because code blocked the loop. Counted in the lag
+# only.
+_IDLE_KEY = ("idle",)
+_IDLE_CODES = {("selectors.py", "select"), ("_io_epoll.py", "get_events"),
+               ("_io_kqueue.py", "get_events"), ("_io_windows.py", "get_events")}  # fmt: skip
+
+
+def _idle(frame: types.FrameType) -> bool:
+    code = frame.f_code
+    return (os.path.basename(code.co_filename), code.co_name) in _IDLE_CODES
 
 
 def _attribute(
@@ -341,6 +365,8 @@ def _attribute(
             state = live.get(id(current))
         current = current.f_back
     places = [_place(f) for f in stack]
+    if _idle(frame):
+        return _Culprit(_IDLE_KEY, (NONE, OTHER, NO_ROUTE), (), None), places
     record = _running_task(stack, ident, state)
     if record is not None:
         series = record.series
@@ -422,14 +448,48 @@ def format_place(place: Location | None) -> str:
 # --- one block ---------------------------------------------------------------------------------
 
 
+class _TaskEnds:
+    """Told of task steps while a task blocks the loop (an ``inflight.TaskObserver``)."""
+
+    def __init__(self, watch: _Watch) -> None:
+        self.watch = watch
+
+    def queued(self, record: TaskRecord, task: Any) -> None:
+        pass
+
+    def started(self, record: TaskRecord) -> None:
+        pass
+
+    def dropped(self, record: TaskRecord, reason: str) -> None:
+        pass
+
+    def finished(
+        self,
+        record: TaskRecord,
+        elapsed: float,
+        outcome: str,
+        error_type: str | None,
+        exc: BaseException | None,
+    ) -> None:
+        # On the loop thread, the block over (the task's code returned), its span still open.
+        block = self.watch.block
+        part = block.parts.get(id(record)) if block is not None else None
+        if block is not None and part is not None and part.culprit.record is record:
+            so_far = part.seconds
+            if block.last is part:
+                so_far += max(perf_counter() - block.since, 0.0)
+            _span_event(part, so_far)
+
+
 class _Part:
     """The blocked time of one culprit in one block, and where its samples found it."""
 
-    __slots__ = ("culprit", "places", "seconds", "stack")
+    __slots__ = ("culprit", "places", "seconds", "span_told", "stack")
 
     def __init__(self, culprit: _Culprit, seconds: float = 0.0) -> None:
         self.culprit = culprit
         self.seconds = seconds
+        self.span_told = False
         self.places: Counter[Location] = Counter()
         self.stack: list[Location] = []  # the first sample's, for the DEBUG line
 
@@ -461,8 +521,8 @@ class _Block:
             self.last.seconds = max(self.last.seconds + at - self.since, 0.0)
 
     def report(self) -> None:
-        for part in self.parts.values():
-            if part.seconds > 0:
+        for key, part in self.parts.items():
+            if part.seconds > 0 and key is not _IDLE_KEY:
                 try:
                     _report(part)
                 except Exception:
@@ -474,16 +534,9 @@ def _report(part: _Part) -> None:
     task, origin, route = culprit.labels
     for metrics in culprit.metrics:
         metrics.loop_blocked(task, origin, route, part.seconds)
-    place = part.places.most_common(1)[0][0] if part.places else None
+    place = _main_place(part)
     record = culprit.record
-    span = record.span if record is not None else None
-    if span is not None and span.is_recording():
-        attributes: dict[str, str | int | float] = {ATTR_BLOCKED_DURATION: part.seconds}
-        if place is not None:
-            attributes[ATTR_FILE_PATH] = place[0]
-            attributes[ATTR_LINE_NUMBER] = place[1]
-            attributes[ATTR_FUNCTION_NAME] = place[2]
-        span.add_event(EVENT_LOOP_BLOCKED, attributes)
+    _span_event(part, part.seconds)
     if _should_log((culprit.labels, place)):
         logger.warning(
             "event loop blocked %.2f s by task=%s origin=%s route=%s at %s",
@@ -500,6 +553,29 @@ def _report(part: _Part) -> None:
             route,
             "\n  ".join(format_place(p) for p in part.stack),
         )
+
+
+def _main_place(part: _Part) -> Location | None:
+    return part.places.most_common(1)[0][0] if part.places else None
+
+
+def _span_event(part: _Part, seconds: float) -> None:
+    """The ``bgtask.loop_blocked`` event on the blocking task's span, once per block."""
+    record = part.culprit.record
+    span = record.span if record is not None else None
+    if part.span_told or span is None or not span.is_recording():
+        return
+    part.span_told = True
+    try:
+        attributes: dict[str, str | int | float] = {ATTR_BLOCKED_DURATION: seconds}
+        place = _main_place(part)
+        if place is not None:
+            attributes[ATTR_FILE_PATH] = place[0]
+            attributes[ATTR_LINE_NUMBER] = place[1]
+            attributes[ATTR_FUNCTION_NAME] = place[2]
+        span.add_event(EVENT_LOOP_BLOCKED, attributes)
+    except Exception:
+        logs.internal_error("watchdog span event")
 
 
 _logged: dict[object, float] = {}
