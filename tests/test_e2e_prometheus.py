@@ -33,7 +33,8 @@ EMAIL = "bgtrace.demo.app.send_welcome_email"
 AUDIT = "bgtrace.demo.app.write_audit"
 RECEIPT = "bgtrace.demo.app.render_receipt"
 IMPORT = "bgtrace.demo.app.import_contacts"
-TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT)
+REFRESH = "bgtrace.demo.app.refresh_recommendations"
+TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT, REFRESH)
 
 
 @contextmanager
@@ -169,6 +170,7 @@ class Traffic:
             total("bgtask_enqueued_total", task=AUDIT, origin="dependency"): self.signups,
             total("bgtask_completed_total", task=EMAIL, outcome="success"): self.signups,
             total("bgtask_completed_total", task=AUDIT, outcome="success"): self.signups,
+            total("bgtask_completed_total", task=REFRESH, outcome="success"): self.signups,
             total("bgtask_enqueued_total", task=RECEIPT): self.receipts,
             total("bgtask_completed_total", task=RECEIPT, outcome="failure"): self.failures,
             total("bgtask_failures_total", task=RECEIPT, error_type=failed): self.failures,
