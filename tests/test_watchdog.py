@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import http.server
 import logging
 import math
+import selectors
+import socket
 import sys
 import threading
 import time
@@ -27,8 +30,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+import bgtrace.request
 import bgtrace.watchdog
 from bgtrace import BackgroundTaskMiddleware
+from bgtrace.metrics import task_metrics
+from tests.asgi import call, status
 from tests.conftest import Samples
 from tests.servers import serve_in_thread, wait_for
 
@@ -154,6 +160,14 @@ def slow_http_server(delay: float) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def watched(url: str, samples: Samples) -> str:
+    """Start the server's watchdog (it starts with the first request) and wait for a heartbeat:
+    a block in that first request would be seen from when the watchdog got going."""
+    assert httpx.get(f"{url}/fast").status_code == 200
+    wait_for(lambda: samples("bgtrace_event_loop_lag_seconds_count") > 0, what="a heartbeat")
+    return url
+
+
 def blocked_by(samples: Samples, **labels: str) -> float:
     return samples.total(BLOCKED, **labels)
 
@@ -182,7 +196,8 @@ def test_async_task_that_sleeps_is_blamed_with_its_line(
     registry: CollectorRegistry, samples: Samples, caplog_bgtrace: pytest.LogCaptureFixture
 ) -> None:
     task = f"{__name__}.sleeps_in_async_task"
-    with serve_in_thread(make_app(registry)) as url:
+    with serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         assert httpx.post(f"{url}/task/sleep").status_code == 200
         wait_for(lambda: blocked_by(samples, task=task) > 0, what="the block to be counted")
     seconds = blocked_by(samples, task=task, origin="handler", route="/task/sleep")
@@ -197,7 +212,8 @@ def test_async_task_that_computes_is_blamed(
     registry: CollectorRegistry, samples: Samples, caplog_bgtrace: pytest.LogCaptureFixture
 ) -> None:
     task = f"{__name__}.computes_in_async_task"
-    with serve_in_thread(make_app(registry)) as url:
+    with serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         httpx.post(f"{url}/task/cpu")
         wait_for(lambda: blocked_by(samples, task=task) > 0, what="the block to be counted")
     assert LOW <= blocked_by(samples, task=task, route="/task/cpu") <= HIGH
@@ -210,7 +226,8 @@ def test_async_task_with_a_blocking_http_call_is_blamed_at_the_call(
     registry: CollectorRegistry, samples: Samples, caplog_bgtrace: pytest.LogCaptureFixture
 ) -> None:
     task = f"{__name__}.calls_http_synchronously"
-    with slow_http_server(BLOCK) as slow, serve_in_thread(make_app(registry)) as url:
+    with slow_http_server(BLOCK) as slow, serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         SLOW_URL[:] = [slow]
         httpx.post(f"{url}/task/http")
         wait_for(lambda: blocked_by(samples, task=task) > 0, what="the block to be counted")
@@ -223,7 +240,8 @@ def test_async_task_with_a_blocking_http_call_is_blamed_at_the_call(
 def test_async_endpoint_that_blocks_is_counted_on_its_route(
     registry: CollectorRegistry, samples: Samples, caplog_bgtrace: pytest.LogCaptureFixture
 ) -> None:
-    with serve_in_thread(make_app(registry)) as url:
+    with serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         assert httpx.get(f"{url}/endpoint/sleep").status_code == 200
         wait_for(lambda: blocked_by(samples) > 0, what="the block to be counted")
     seconds = blocked_by(samples, task="none", origin="handler", route="/endpoint/sleep")
@@ -238,7 +256,8 @@ def test_async_endpoint_that_blocks_is_counted_on_its_route(
 def test_async_dependency_that_blocks_is_counted_as_dependency(
     registry: CollectorRegistry, samples: Samples
 ) -> None:
-    with serve_in_thread(make_app(registry)) as url:
+    with serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         assert httpx.get(f"{url}/dependency/sleep").status_code == 200
         wait_for(lambda: blocked_by(samples) > 0, what="the block to be counted")
     seconds = blocked_by(samples, task="none", origin="dependency", route="/dependency/sleep")
@@ -253,7 +272,8 @@ def test_blocking_task_span_gets_an_event_with_duration_and_place(
 ) -> None:
     app = make_app(registry, tracer_provider=tracer_provider)
     task = f"{__name__}.sleeps_in_async_task"
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app) as server:
+        url = watched(server, samples)
         httpx.post(f"{url}/task/sleep")
         wait_for(lambda: blocked_by(samples, task=task) > 0, what="the block to be counted")
     span = next(s for s in exporter.get_finished_spans() if s.name.startswith("bgtask "))
@@ -320,7 +340,8 @@ def test_without_stack_sampling_a_block_still_counts_on_nobody(
 ) -> None:
     # sys._current_frames is CPython's; elsewhere the loop's lag is all there is to go on.
     monkeypatch.delattr(sys, "_current_frames")
-    with serve_in_thread(make_app(registry)) as url:
+    with serve_in_thread(make_app(registry)) as server:
+        url = watched(server, samples)
         httpx.post(f"{url}/task/sleep")
         wait_for(lambda: blocked_by(samples) > 0, what="the block to be counted")
     assert LOW <= blocked_by(samples, task="none", origin="other", route="none") <= HIGH
@@ -393,3 +414,73 @@ def test_metrics_answer_while_the_threadpool_is_saturated(
         scrape = httpx.get(f"{url}/metrics", timeout=5)
         assert scrape.status_code == 200
         assert "bgtrace_threadpool_borrowed 40.0" in scrape.text
+
+
+def test_requests_leave_the_live_registry_and_no_cycle_behind(registry: CollectorRegistry) -> None:
+    """Regression guard for request.live: one entry per request in flight, none after (also
+    when the handler raises), and the state kept by the id of its frame, not the frame (a state
+    holding its frame is a cycle, left to the cyclic collector)."""
+    app = make_app(registry, threshold=None)
+
+    @app.get("/raises")
+    async def raises() -> None:
+        raise RuntimeError("boom")
+
+    async def requests(raising: bool) -> None:
+        for _ in range(20):
+            assert status(await call(app, "/fast", method="GET")) == 200
+            if raising:
+                with pytest.raises(RuntimeError):
+                    await call(app, "/raises", method="GET")
+
+    asyncio.run(requests(raising=True))
+    assert bgtrace.request.live == {}
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(requests(raising=False))
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def test_a_loop_waiting_for_events_is_starved_not_blocked() -> None:
+    """A late heartbeat while the loop thread waits in its selector: the process did not get
+    the CPU or the GIL (found with 50 busy client threads); no code is to blame."""
+    selector = selectors.DefaultSelector()
+    wake, woken = socket.socketpair()
+    selector.register(woken, selectors.EVENT_READ)
+    waiting = threading.Thread(target=selector.select, args=(30,), daemon=True)
+    waiting.start()
+    try:
+        ident = waiting.ident or 0
+        wait_for(
+            lambda: sys._current_frames()[ident].f_code.co_name == "select",
+            what="the thread to wait in select",
+        )
+        culprit, _ = bgtrace.watchdog._attribute(sys._current_frames()[ident], ident, ())
+        assert culprit.key is bgtrace.watchdog._IDLE_KEY
+    finally:
+        wake.send(b"x")
+        waiting.join(timeout=10)
+        selector.close()
+        wake.close()
+        woken.close()
+
+
+def test_a_loop_that_stopped_with_a_heartbeat_out_is_not_sampled(
+    registry: CollectorRegistry,
+) -> None:
+    """Regression guard: a closed loop's thread ident may belong to another thread by now;
+    sampling it put a sync endpoint's wait in another server's counts."""
+    sampled: list[float] = []
+    watch = bgtrace.watchdog._Watch(
+        threading.get_ident(), lambda beat: None, lambda: False, lambda: True, None
+    )
+    watch.metrics = (task_metrics(registry),)
+    watch.threshold = 0.1
+    watch._sample = sampled.append  # type: ignore[method-assign,assignment]
+    assert watch.check(100.0) == 0.05  # the heartbeat goes out (and never runs)
+    assert watch.check(100.5) == math.inf  # long overdue, but the loop is closed
+    assert watch.ended and sampled == []
+    assert Samples(registry).total(BLOCKED) == 0
