@@ -556,19 +556,24 @@ def _profiles_md(profiled: dict[str, Any], s: Settings) -> list[str]:
     return parts
 
 
-def _watchdog_md(idle: dict[str, Any], in_process: dict[str, Any]) -> list[str]:
+def _watchdog_md(data: dict[str, Any], in_process: dict[str, Any]) -> list[str]:
+    idle, server = data["idle"], data["server"]
     parts = [
         "## 6. The event-loop watchdog", "",
         "A uvicorn server (one worker, the async tutorial app) with no traffic after one "
         "request: its own CPU over the window, as a share of one core, runs alternating. "
-        "Per request: section 1's `bgtrace` (watchdog on, the default) next to "
+        "Under load: section 2's server CPU per request (wrk), medians over rounds. In "
+        "process: section 1's `bgtrace` (watchdog on, the default) next to "
         "`bgtrace-no-watchdog`.", "",
     ]  # fmt: skip
     rows = [
-        [name, _f(found["median_pct"], 3), ", ".join(f"{v:.3f}" for v in found["runs"])]
+        [name, _f(found["median_pct"], 3), ", ".join(f"{v:.3f}" for v in found["runs"]),
+         _f(server.get(name))]
         for name, found in idle.items()
-    ]
-    parts += [results.table(["variant", "idle CPU % (median)", "runs"], rows), ""]
+    ]  # fmt: skip
+    rows.append(["bare", "", "", _f(server.get("bare"))])
+    header = ["variant", "idle CPU % (median)", "runs", "server CPU µs/request"]
+    parts += [results.table(header, rows), ""]
     for shape, found in in_process.items():
         by_name = {row["name"]: row for row in found}
         on, off = by_name.get("bgtrace"), by_name.get("bgtrace-no-watchdog")
@@ -663,7 +668,13 @@ def main(argv: list[str] | None = None) -> int:
         data["profiles"] = profiles(settings)
     if "watchdog" in wanted:
         _log("6. the event-loop watchdog at idle")
-        data["watchdog"] = watchdog_idle.idle_cpu(*((2, 3.0) if args.quick else (4, 20.0)))
+        data["watchdog"] = {
+            "idle": watchdog_idle.idle_cpu(*((2, 3.0) if args.quick else (4, 30.0))),
+            "server": watchdog_idle.server_cpu_per_request(
+                settings.server_rounds, settings.server_seconds, settings.server_warmup,
+                settings.connections,
+            ),
+        }  # fmt: skip
     data["load_after"] = results.load_average()
     data["minutes"] = (time.monotonic() - started) / 60
     data["targets"] = targets(data, args.quick)

@@ -1,8 +1,7 @@
-"""The event-loop watchdog's cost at idle: a uvicorn server's own CPU over some seconds with no
-traffic, the watchdog on (bgtrace's default) and off, runs alternating.
-
-One request starts each server (and so its watchdog); then nothing, while the process's CPU
-time is read from ``/proc`` at both ends of the window.
+"""The event-loop watchdog's cost: a uvicorn server's own CPU with the watchdog on (bgtrace's
+default) and off, runs alternating. At idle: one request starts each server (and so its
+watchdog), then nothing, while the process's CPU time is read from ``/proc`` at both ends of
+the window. Under load: section 2's measurement (wrk, server CPU per request).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import statistics
 import time
 from typing import Any
 
+import live_server
 from live_server import _cpu_seconds, _free_port, _start, _stop, _wait_ready
 
 VARIANTS = ("bgtrace", "bgtrace-no-watchdog")
@@ -37,3 +37,15 @@ def idle_cpu(rounds: int, seconds: float) -> dict[str, Any]:
         name: {"median_pct": statistics.median(values) if values else None, "runs": values}
         for name, values in runs.items()
     }
+
+
+def server_cpu_per_request(
+    rounds: int, seconds: float, warmup: float, connections: int
+) -> dict[str, float | None]:
+    """Per variant (bare too): the median server CPU per request, in microseconds."""
+    runs = live_server.measure(["bare", *VARIANTS], rounds, seconds, warmup, connections)
+    found: dict[str, float | None] = {}
+    for name in ("bare", *VARIANTS):
+        values = [r.server_cpu_us for r in runs if r.variant == name and r.server_cpu_us]
+        found[name] = statistics.median(values) if values else None
+    return found

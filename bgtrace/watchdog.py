@@ -341,8 +341,12 @@ _UNKNOWN_KEY = ("unknown",)
 # CPU or the GIL (many busy threads), not because code blocked the loop. Counted in the lag
 # only.
 _IDLE_KEY = ("idle",)
-_IDLE_CODES = {("selectors.py", "select"), ("_io_epoll.py", "get_events"),
-               ("_io_kqueue.py", "get_events"), ("_io_windows.py", "get_events")}  # fmt: skip
+_IDLE_CODES = {
+    ("selectors.py", "select"),  # asyncio's own loop
+    ("runners.py", "run"),  # uvloop: it waits in C, under asyncio.Runner.run
+    ("_io_epoll.py", "get_events"), ("_io_kqueue.py", "get_events"),  # trio
+    ("_io_windows.py", "get_events"),
+}  # fmt: skip
 
 
 def _idle(frame: types.FrameType) -> bool:
@@ -423,11 +427,21 @@ _LIBRARIES = _library_dirs()
 _OWN_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
+_app_files: dict[str, bool] = {}
+
+
 def _is_app(filename: str) -> bool:
-    if filename.startswith("<"):  # frozen modules, exec'd strings
-        return False
-    path = os.path.realpath(filename) if not filename.startswith(_LIBRARIES) else filename
-    return not path.startswith(_LIBRARIES) and os.path.dirname(path) != _OWN_DIR
+    found = _app_files.get(filename)
+    if found is None:
+        if filename.startswith("<"):  # frozen modules, exec'd strings
+            found = False
+        else:
+            path = filename if filename.startswith(_LIBRARIES) else os.path.realpath(filename)
+            found = not path.startswith(_LIBRARIES) and os.path.dirname(path) != _OWN_DIR
+        if len(_app_files) >= _MAX_LOGGED_PLACES:
+            _app_files.clear()
+        _app_files[filename] = found
+    return found
 
 
 def app_place(places: list[Location]) -> Location | None:
