@@ -156,7 +156,7 @@ def test_demo_prints_a_row_per_task_with_its_figures() -> None:
     assert rows[RECEIPT, "handler"]["failed"] > 0
     assert rows[IMPORT, "handler"]["dropped"] > 0
     assert rows[EMAIL, "handler"]["failed"] == rows[EMAIL, "handler"]["dropped"] == 0
-    # One refresh in 25 blocks the event loop for 0.2 s; the watchdog puts it on that task.
+    # The 20th refresh blocks the event loop for 0.2 s; the watchdog puts it on that task.
     assert rows[REFRESH, "handler"]["loop blocked"] > 0
     assert rows[EMAIL, "handler"]["loop blocked"] == 0
 

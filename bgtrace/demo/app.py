@@ -1,9 +1,9 @@
 """The example app: a small notifications service whose background tasks bgtrace measures.
 
 * ``POST /signup/{user_id}`` queues ``send_welcome_email`` (async, from the handler),
-  ``refresh_recommendations`` (async, from the handler; one call in ``BLOCKING_EVERY`` makes a
-  blocking call by mistake and freezes the event loop for 0.2 s, which
-  ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a ``def``, run in the
+  ``refresh_recommendations`` (async, from the handler; its 20th call and one in
+  ``BLOCKING_EVERY`` after make a blocking call by mistake and freeze the event loop for
+  0.2 s, which ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a ``def``, run in the
   threadpool, queued by the ``audit_trail`` dependency).
 * ``POST /orders/{order_id}/receipt`` queues ``render_receipt``, which raises
   ``ReceiptRenderError`` for about one order in four: which ones is fixed by the order id.
@@ -40,7 +40,7 @@ SLOWNESS_ENV = "BGTRACE_DEMO_SLOWNESS"
 DEFAULT_SERVICE_NAME = "bgtrace-demo"
 MAX_IMPORT_ROWS = 1000
 RECEIPT_FAILURE_RATE = 0.25
-BLOCKING_EVERY = 25
+BLOCKING_EVERY = 200
 
 OTLP_ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -68,7 +68,7 @@ _refreshes = itertools.count(1)
 
 async def refresh_recommendations(user_id: int) -> None:
     await asyncio.sleep(_work(0.005))
-    if next(_refreshes) % BLOCKING_EVERY == 0:
+    if next(_refreshes) % BLOCKING_EVERY == 20:
         # The bug the watchdog exists to show: a synchronous client call (here a sleep) in an
         # async task stops the event loop, and every request of this process waits.
         time.sleep(_work(0.2))
