@@ -3,8 +3,8 @@
 * ``POST /signup/{user_id}`` queues ``send_welcome_email`` (async, from the handler),
   ``refresh_recommendations`` (async, from the handler; its 20th call and one in
   ``BLOCKING_EVERY`` after make a blocking call by mistake and freeze the event loop for
-  0.2 s, which ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a ``def``, run in the
-  threadpool, queued by the ``audit_trail`` dependency).
+  0.2 s, which ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a
+  ``def``, run in the threadpool, queued by the ``audit_trail`` dependency).
 * ``POST /orders/{order_id}/receipt`` queues ``render_receipt``, which raises
   ``ReceiptRenderError`` for about one order in four: which ones is fixed by the order id.
 * ``POST /import?rows=N`` queues ``import_contacts`` *before* checking ``rows``: a too-large
