@@ -656,8 +656,9 @@ def _check_all() -> float:
 
 def _forget_in_child() -> None:
     # A forked child has no watchdog thread, and its parent's loops are not its own.
-    global _thread_pid, _lock
+    global _thread_pid, _lock, _wake
     _lock = threading.Lock()
+    _wake = threading.Event()  # its lock may have been held by the parent's watchdog thread
     for watch in _watches:
         watch.ended = True
     _watches.clear()

@@ -36,7 +36,7 @@ from bgtrace import BackgroundTaskMiddleware
 from bgtrace.metrics import task_metrics
 from tests.asgi import call, status
 from tests.conftest import Samples
-from tests.servers import serve_in_thread, wait_for
+from tests.servers import in_forked_child, serve_in_thread, wait_for
 
 THRESHOLD = 0.2
 BLOCK = 0.5
@@ -484,3 +484,23 @@ def test_a_loop_that_stopped_with_a_heartbeat_out_is_not_sampled(
     assert watch.check(100.5) == math.inf  # long overdue, but the loop is closed
     assert watch.ended and sampled == []
     assert Samples(registry).total(BLOCKED) == 0
+
+
+def test_a_forked_child_starts_without_its_parents_watches(registry: CollectorRegistry) -> None:
+    metrics = task_metrics(registry)
+
+    async def watched_then_forked() -> bool:
+        bgtrace.watchdog.ensure_watched(metrics, THRESHOLD)
+        assert bgtrace.watchdog._watches
+
+        def fresh() -> bool:
+            watch = bgtrace.watchdog._local.watch
+            return watch.ended and not bgtrace.watchdog._watches and not _thread_started()
+
+        return in_forked_child(fresh)
+
+    assert asyncio.run(watched_then_forked())
+
+
+def _thread_started() -> bool:
+    return bgtrace.watchdog._thread_pid != 0
