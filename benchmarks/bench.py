@@ -34,6 +34,7 @@ import asgi_driver  # noqa: E402
 import hot_path  # noqa: E402
 import live_server  # noqa: E402
 import results  # noqa: E402
+import watchdog_idle  # noqa: E402
 from variants import SHAPES, VARIANT_NAMES, VARIANTS, build  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
@@ -625,6 +626,35 @@ def _profiles_md(profiled: dict[str, Any], s: Settings) -> list[str]:
     return parts
 
 
+def _watchdog_md(data: dict[str, Any], in_process: dict[str, Any]) -> list[str]:
+    idle, server = data["idle"], data["server"]
+    parts = [
+        "## 6. The event-loop watchdog", "",
+        "A uvicorn server (one worker, the async tutorial app) with no traffic after one "
+        "request: its own CPU over the window, as a share of one core, runs alternating. "
+        "Under load: section 2's server CPU per request (wrk), medians over rounds. In "
+        "process: section 1's `bgtrace` (watchdog on, the default) next to "
+        "`bgtrace-no-watchdog`.", "",
+    ]  # fmt: skip
+    rows = [
+        [name, _f(found["median_pct"], 3), ", ".join(f"{v:.3f}" for v in found["runs"]),
+         _f(server.get(name))]
+        for name, found in idle.items()
+    ]  # fmt: skip
+    rows.append(["bare", "", "", _f(server.get("bare"))])
+    header = ["variant", "idle CPU % (median)", "runs", "server CPU µs/request"]
+    parts += [results.table(header, rows), ""]
+    for shape, found in in_process.items():
+        by_name = {row["name"]: row for row in found}
+        on, off = by_name.get("bgtrace"), by_name.get("bgtrace-no-watchdog")
+        if on and off:
+            parts.append(
+                f"- {shape} shape, CPU µs/request added to the bare app: watchdog on "
+                f"{_f(on['added_us'])}, off {_f(off['added_us'])}"
+            )
+    return [*parts, ""]
+
+
 def markdown(data: dict[str, Any], settings: Settings, quick: bool) -> str:
     parts = _head(data, quick)
     if "in_process" in data:
@@ -641,13 +671,18 @@ def markdown(data: dict[str, Any], settings: Settings, quick: bool) -> str:
         parts += _knockouts_md(data["knockouts"], settings)
     if "profiles" in data:
         parts += _profiles_md(data["profiles"], settings)
+    if "watchdog" in data:
+        parts += _watchdog_md(data["watchdog"], data.get("in_process", {}))
     parts += ["## Findings", "", results.findings_block(data.get("findings", "")), ""]
     return "\n".join(parts)
 
 
 # --- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("in-process", "multiprocess", "server", "render", "memory", "knockouts", "profile")
+SECTIONS = (
+    "in-process", "multiprocess", "server", "render", "memory", "knockouts", "profile",
+    "watchdog",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -701,6 +736,15 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in wanted:
         _log("5. cProfile")
         data["profiles"] = profiles(settings)
+    if "watchdog" in wanted:
+        _log("6. the event-loop watchdog at idle")
+        data["watchdog"] = {
+            "idle": watchdog_idle.idle_cpu(*((2, 3.0) if args.quick else (4, 30.0))),
+            "server": watchdog_idle.server_cpu_per_request(
+                settings.server_rounds, settings.server_seconds, settings.server_warmup,
+                settings.connections,
+            ),
+        }  # fmt: skip
     data["load_after"] = results.load_average()
     data["minutes"] = (time.monotonic() - started) / 60
     data["targets"] = targets(data, args.quick)

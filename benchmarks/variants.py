@@ -34,6 +34,7 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("bare", "FastAPI app, no instrumentation"),
     ("bgtrace", "bgtrace, metrics only (no tracer provider)"),
     ("bgtrace+tracing", "bgtrace, SDK tracer provider, batch processor, null exporter"),
+    ("bgtrace-no-watchdog", "bgtrace, metrics only, event-loop watchdog off"),
     ("instrumentator", "prometheus-fastapi-instrumentator, defaults, /metrics exposed"),
     ("starlette-exporter", "starlette-exporter PrometheusMiddleware, /metrics route"),
     ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
@@ -161,7 +162,7 @@ class Variant:
             self.provider.shutdown()
 
 
-def bgtrace_variant(shape: str, tracing: bool, **options: Any) -> Variant:
+def bgtrace_variant(shape: str, tracing: bool, name: str = "", **options: Any) -> Variant:
     """bgtrace around the tutorial app; ``options`` go to the middleware."""
     registry = CollectorRegistry()
     provider, exporter = sdk_tracer_provider() if tracing else (None, None)
@@ -169,7 +170,7 @@ def bgtrace_variant(shape: str, tracing: bool, **options: Any) -> Variant:
     app.add_middleware(
         bgtrace.BackgroundTaskMiddleware, registry=registry, tracer_provider=provider, **options
     )
-    name = "bgtrace+tracing" if tracing else "bgtrace"
+    name = name or ("bgtrace+tracing" if tracing else "bgtrace")
     return Variant(
         name, shape, app, bgtrace.instrument, bgtrace.uninstrument, provider, exporter, registry
     )
@@ -414,6 +415,8 @@ def build(name: str, shape: str) -> Variant | None:
         return bgtrace_variant(shape, tracing=False)
     if name == "bgtrace+tracing":
         return bgtrace_variant(shape, tracing=True)
+    if name == "bgtrace-no-watchdog":
+        return bgtrace_variant(shape, False, name, loop_block_threshold=None)
     if name == "instrumentator":
         return _instrumentator(shape)
     if name == "starlette-exporter":

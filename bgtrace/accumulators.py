@@ -150,3 +150,58 @@ def exemplar(trace_id: str, value: float) -> Exemplar:
 def escape(value: str) -> str:
     """A label value as the text formats quote it."""
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+# How late the event loop ran the watchdog's heartbeat: from a healthy loop's fraction of a
+# millisecond to a loop frozen for seconds.
+LAG_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+# The threadpool gauges: the default thread limiter's (tokens, borrowed, waiting).
+Threadpool = tuple[float, float, float]
+
+
+class LoopValues:
+    """What the event-loop watchdog measured for one metrics set: loop time blocked per
+    (task, origin, route), the heartbeat lag, and the latest threadpool reading of each loop
+    it watches (summed: one per worker process in a real server)."""
+
+    __slots__ = ("blocked", "dirty", "lag", "lock", "threadpools")
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock
+        self.blocked: dict[tuple[str, str, str], float] = {}
+        self.lag = LocalHistogram(LAG_BUCKETS, lock)
+        self.threadpools: dict[int, Threadpool] = {}
+        # Changed since multiprocess mode last copied it to the files.
+        self.dirty = False
+
+    def add_blocked(self, labels: tuple[str, str, str], seconds: float) -> None:
+        with self.lock:
+            self.blocked[labels] = self.blocked.get(labels, 0.0) + seconds
+            self.dirty = True
+
+    def observe_lag(self, seconds: float) -> None:
+        with self.lock:
+            self.lag.add(seconds)
+            self.dirty = True
+
+    def set_threadpool(self, loop: int, reading: Threadpool | None) -> None:
+        with self.lock:
+            if reading is None:
+                self.threadpools.pop(loop, None)
+            elif self.threadpools.get(loop) != reading:
+                self.threadpools[loop] = reading
+            else:
+                return
+            self.dirty = True
+
+    def threadpool(self) -> Threadpool:
+        """The readings summed over the loops; zeros before the first (as prometheus_client's
+        unlabelled gauges read in multiprocess mode)."""
+        readings = list(self.threadpools.values())
+        if not readings:
+            return 0.0, 0.0, 0.0
+        tokens, borrowed, waiting = zip(*readings, strict=True)
+        return sum(tokens), sum(borrowed), sum(waiting)

@@ -10,7 +10,8 @@ templates takes milliseconds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -23,7 +24,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from .accumulators import LocalHistogram, LocalSeries, escape
+from .accumulators import LAG_BUCKETS, LocalHistogram, LocalSeries, LoopValues, escape
 
 TASK_LABELS = ("task", "origin", "route")
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -81,6 +82,32 @@ THREAD_WAIT = Family(
 )
 WHY_FAMILIES = (OLDEST_RUNNING, OLDEST_QUEUED, THREAD_WAIT)
 
+# The event-loop watchdog's (``watchdog``): one process's values, written after the rest. In
+# multiprocess mode they are plain prometheus_client metrics in the files, which the reader
+# adds up with the app's own (``worker_files`` reads only ``ALL_FAMILIES`` itself).
+LOOP_BLOCKED = Family(
+    "bgtask_loop_blocked_seconds",
+    "Event loop time blocked, by the background task (or else the route) that blocked it.",
+    "counter",
+)
+LOOP_LAG = Family(
+    "bgtrace_event_loop_lag_seconds",
+    "How late the event loop ran the watchdog's heartbeat.",
+    "histogram",
+)
+THREADPOOL_TOKENS = Family(
+    "bgtrace_threadpool_tokens", "Tokens (threads) of anyio's default thread limiter.", "gauge"
+)
+THREADPOOL_BORROWED = Family(
+    "bgtrace_threadpool_borrowed", "Tokens of anyio's default thread limiter in use.", "gauge"
+)
+THREADPOOL_WAITING = Family(
+    "bgtrace_threadpool_waiting", "Callers waiting for a token of anyio's default thread limiter.",
+    "gauge",
+)  # fmt: skip
+THREADPOOL_FAMILIES = (THREADPOOL_TOKENS, THREADPOOL_BORROWED, THREADPOOL_WAITING)
+LOOP_FAMILIES = (LOOP_BLOCKED, LOOP_LAG, *THREADPOOL_FAMILIES)
+
 
 def full_name(namespace: str, family: Family) -> str:
     """The exported name, joined as prometheus_client joins it; a bad namespace fails early."""
@@ -102,6 +129,9 @@ class LocalValues:
     # files carry them). Oldest ages by label set (running, queued); absent series read 0.
     oldest: Mapping[tuple[str, str, str], tuple[float, float]] | None = None
     thread_wait: Mapping[tuple[str, str, str], LocalHistogram] | None = None
+    # The watchdog's values; ``None`` where they are not rendered with the rest (the
+    # multiprocess reader: see ``LOOP_FAMILIES``).
+    loop: LoopValues | None = None
 
 
 # --- prometheus_client families ------------------------------------------------------------
@@ -109,12 +139,17 @@ class LocalValues:
 
 def describe(namespace: str) -> list[Metric]:
     """The families without samples: what the registry needs to refuse duplicate names."""
-    return [*_families(namespace, (), {}, ()), *_why(namespace, (), {}, {}, ())]
+    return [
+        *_families(namespace, (), {}, (), LoopValues(_NO_LOCK)),
+        *_why(namespace, (), {}, {}, ()),
+    ]
 
 
 def collect(values: LocalValues) -> Iterator[Metric]:
     series = list(values.series)
-    yield from _families(values.namespace, series, dict(values.post_response), values.bounds)
+    yield from _families(
+        values.namespace, series, dict(values.post_response), values.bounds, values.loop
+    )
     if values.oldest is not None:
         thread_wait = dict(values.thread_wait or {})
         yield from _why(values.namespace, series, values.oldest, thread_wait, values.bounds)
@@ -150,6 +185,7 @@ def _families(
     series: list[LocalSeries] | tuple[()],
     post_response: dict[str, LocalHistogram],
     bounds: tuple[float, ...],
+    loop: LoopValues | None = None,
 ) -> Iterator[Metric]:
     def name(family: Family) -> str:
         return full_name(namespace, family)
@@ -186,6 +222,27 @@ def _families(
     for route, values in post_response.items():
         _add_histogram(post, (route,), values, les)
     yield post
+    if loop is not None:
+        yield from _loop_families(name, loop)
+
+
+def _loop_families(name: Callable[[Family], str], loop: LoopValues) -> Iterator[Metric]:
+    with loop.lock:
+        blocked = list(loop.blocked.items())
+        counts, total = list(loop.lag.counts), loop.lag.sum
+        threadpool = loop.threadpool()
+    family = CounterMetricFamily(name(LOOP_BLOCKED), LOOP_BLOCKED.help, labels=TASK_LABELS)
+    for labels, seconds in blocked:
+        family.add_metric(labels, seconds)
+    yield family
+    lag = HistogramMetricFamily(name(LOOP_LAG), LOOP_LAG.help)
+    buckets = list(zip(_les(LAG_BUCKETS), accumulate(counts), strict=True))
+    lag.add_metric([], buckets, total)
+    yield lag
+    for index, gauge_family in enumerate(THREADPOOL_FAMILIES):
+        gauge = GaugeMetricFamily(name(gauge_family), gauge_family.help)
+        gauge.add_metric([], threadpool[index])
+        yield gauge
 
 
 def _add_histogram(
@@ -283,6 +340,8 @@ def render(values: LocalValues, openmetrics: bool) -> list[bytes]:
         [(f'route="{escape(route)}"'.encode(), h) for route, h in post_response],
         openmetrics,
     )
+    if values.loop is not None:
+        _render_loop(out, ns, values.loop, openmetrics)
     if values.oldest is not None:
         _render_why(out, values, series, values.oldest, openmetrics)
     return out
@@ -313,6 +372,35 @@ def _render_why(
             text = LocalSeries(labels, (), histogram.lock).text
         members.append((text.encode(), histogram))
     _histogram(out, ns, THREAD_WAIT, values.bounds, members, openmetrics)
+
+
+def _render_loop(out: list[bytes], ns: str, loop: LoopValues, openmetrics: bool) -> None:
+    """The watchdog's families, as prometheus_client writes them: few samples, no templates."""
+    with loop.lock:
+        blocked = list(loop.blocked.items())
+        counts, total = list(loop.lag.counts), loop.lag.sum
+        threadpool = loop.threadpool()
+    name = full_name(ns, LOOP_BLOCKED)
+    header = name if openmetrics else f"{name}_total"
+    lines = [f"# HELP {header} {_help(LOOP_BLOCKED)}\n# TYPE {header} counter\n"]
+    for (task, origin, route), seconds in blocked:
+        labels = f'origin="{escape(origin)}",route="{escape(route)}",task="{escape(task)}"'
+        lines.append(f"{name}_total{{{labels}}} {_number(seconds)}\n")
+    name = full_name(ns, LOOP_LAG)
+    lines.append(f"# HELP {name} {_help(LOOP_LAG)}\n# TYPE {name} histogram\n")
+    cumulative = list(accumulate(counts))
+    for le, count in zip(_les(LAG_BUCKETS), cumulative, strict=True):
+        lines.append(f'{name}_bucket{{le="{le}"}} {count}.0\n')
+    lines.append(f"{name}_count {cumulative[-1]}.0\n{name}_sum {_number(total)}\n")
+    for index, family in enumerate(THREADPOOL_FAMILIES):
+        name = full_name(ns, family)
+        lines.append(f"# HELP {name} {_help(family)}\n# TYPE {name} gauge\n")
+        lines.append(f"{name} {_number(threadpool[index])}\n")
+    out.append("".join(lines).encode())
+
+
+def _number(value: float) -> str:
+    return floatToGoString(value)  # type: ignore[no-untyped-call,no-any-return]
 
 
 def _histogram(
@@ -366,6 +454,8 @@ def join_encoded(rest: bytes, pieces: list[bytes], openmetrics: bool) -> bytes:
 
 
 _EOF = b"# EOF\n"
+# describe() builds families without values: no update ever takes this.
+_NO_LOCK = threading.RLock()
 
 
 def _help(family: Family) -> str:

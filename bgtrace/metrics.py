@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from . import forks
-from .accumulators import LocalHistogram, LocalSeries
+from .accumulators import LocalHistogram, LocalSeries, LoopValues, Threadpool
 from .families import (
     ALL_FAMILIES,
+    LOOP_FAMILIES,
     WHY_FAMILIES,
     LocalValues,
     collect,
@@ -128,11 +129,13 @@ class TaskMetrics:
         self._changed: list[LocalSeries] | None = None
         self._files: FileValues | None = None
         self._collector: _LocalCollector | None = None
-        for family in (*ALL_FAMILIES, *WHY_FAMILIES):
+        for family in (*ALL_FAMILIES, *WHY_FAMILIES, *LOOP_FAMILIES):
             full_name(namespace, family)  # a bad namespace fails here, before registering
         # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
         forks.guard(self._lock, forks.VALUES)
+        # The event-loop watchdog's values (``watchdog``), updated from its thread.
+        self.loop = LoopValues(self._lock)
         if multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             self._changed = []
@@ -166,6 +169,7 @@ class TaskMetrics:
             from . import stuck  # imports records, which imports this module
 
             self._files.flush_why(stuck.oldest_ages(self), dict(self._thread_wait), self._lock)
+            self._files.flush_loop(self.loop)
 
     def forget_values(self) -> None:
         """Multiprocess mode, in a forked child: start from zero (see multiprocess)."""
@@ -174,6 +178,7 @@ class TaskMetrics:
         self._post_response = {}
         self._local_post_response = {}
         self._thread_wait = {}
+        self.loop = LoopValues(self._lock)
         if self._files is not None:
             self._changed = []
             self._files.forget_written()
@@ -189,6 +194,7 @@ class TaskMetrics:
             # Multiprocess: the files carry these (written by flush).
             stuck.oldest_ages(self) if self._files is None else None,
             dict(self._thread_wait),
+            self.loop,
         )
 
     def thread_wait_for(self, labels: tuple[str, str, str]) -> LocalHistogram:
@@ -204,6 +210,20 @@ class TaskMetrics:
 
     def render(self, openmetrics: bool) -> list[bytes]:
         return render(self.values(), openmetrics)
+
+    def loop_blocked(self, task: str, origin: str, route: str, seconds: float) -> None:
+        """Count ``seconds`` of event loop blocked; labels as a series' (bounded the same)."""
+        self.loop.add_blocked((self.task(task), origin, self.route(route)), seconds)
+        if self._files is not None:
+            ensure_flusher()
+
+    def loop_heartbeat(self, loop: int, lag: float, threadpool: Threadpool | None) -> None:
+        """One heartbeat of the watchdog on event loop ``loop``: its lag, and the loop's
+        threadpool reading (``None``: not read, or the loop is gone)."""
+        self.loop.observe_lag(lag)
+        self.loop.set_threadpool(loop, threadpool)
+        if self._files is not None:
+            ensure_flusher()
 
     def post_response_for(self, route: str) -> LocalHistogram:
         """The ``bgtask_post_response_seconds`` histogram for ``route``, looked up once."""

@@ -26,6 +26,7 @@ from .request import RequestState, current
 from .request_spans import InstrumentationLookup, RequestSpan, left_to_others
 from .routes import find_router_app
 from .stuck import DEFAULT_STUCK_AFTER, watch
+from .watchdog import DEFAULT_THRESHOLD, check_threshold, ensure_watched
 
 RequestSpans = Literal["auto", "never"]
 REQUEST_SPAN_MODES = ("auto", "never")
@@ -54,6 +55,7 @@ class BackgroundTaskMiddleware:
         tasks_path: str | None = None,
         trace_url: str | None = None,
         stuck_after: float | None = DEFAULT_STUCK_AFTER,
+        loop_block_threshold: float | None = DEFAULT_THRESHOLD,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
@@ -82,6 +84,7 @@ class BackgroundTaskMiddleware:
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
         self._instrumentations = InstrumentationLookup(app)
+        self._loop_block_threshold = check_threshold(loop_block_threshold)
         instrument()
         check_multiprocess_dir()
         forget_process_at_exit()
@@ -109,6 +112,8 @@ class BackgroundTaskMiddleware:
 
         ensure_instrumented()
         config = self._config
+        if self._loop_block_threshold is not None:
+            ensure_watched(config.metrics, self._loop_block_threshold)
         # Starlette puts the application in the scope before its middleware stack runs; a
         # middleware wrapped around the app by hand finds the routes through self.app.
         router_app = scope.get("app")

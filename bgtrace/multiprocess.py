@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
 from . import forks, logs, private
-from .accumulators import OUTCOMES, LocalHistogram, LocalSeries
+from .accumulators import LAG_BUCKETS, OUTCOMES, LocalHistogram, LocalSeries, LoopValues
 from .families import (
     COMPLETED,
     DROPPED,
@@ -33,6 +33,8 @@ from .families import (
     ENQUEUED,
     FAILURES,
     IN_PROGRESS,
+    LOOP_BLOCKED,
+    LOOP_LAG,
     OLDEST_QUEUED,
     OLDEST_RUNNING,
     POST_RESPONSE,
@@ -40,6 +42,7 @@ from .families import (
     QUEUE_WAIT,
     TASK_LABELS,
     THREAD_WAIT,
+    THREADPOOL_FAMILIES,
     Family,
     full_name,
 )  # fmt: skip
@@ -168,12 +171,25 @@ class FileValues:
         self._children: dict[tuple[str, str, str], _Children] = {}
         self._post_children: dict[str, Any] = {}
         self._why_init(name, buckets)
+        # The watchdog's (see families.LOOP_FAMILIES): the threadpool gauges are live sums.
+        self.loop_blocked = counter(LOOP_BLOCKED)
+        self.loop_lag = Histogram(
+            name(LOOP_LAG), LOOP_LAG.help, buckets=LAG_BUCKETS, registry=registry
+        )
+        self.threadpool = [
+            Gauge(name(f), f.help, multiprocess_mode="livesum", registry=registry)
+            for f in THREADPOOL_FAMILIES
+        ]
+        self._written_loop: tuple[dict[tuple[str, str, str], float], _Histogram, Any] = (
+            {}, ((0,) * (len(LAG_BUCKETS) + 1), 0.0), None,
+        )  # fmt: skip
 
     def unregister(self) -> None:
         for metric in (
             self.enqueued, self.completed, self.failures, self.dropped, self.duration,
             self.queue_wait, self.queue_length, self.in_progress, self.post_response,
             self.oldest_running, self.oldest_queued, self.thread_wait,
+            self.loop_blocked, self.loop_lag, *self.threadpool,
         ):  # fmt: skip
             self.registry.unregister(metric)
 
@@ -181,6 +197,7 @@ class FileValues:
         """In a forked child: its files are new, and so are its values."""
         self._written.clear()
         self._written_post.clear()
+        self._written_loop = ({}, ((0,) * (len(LAG_BUCKETS) + 1), 0.0), None)
         self._why_forget()
 
     # --- the "why" families: oldest ages (livemax) and thread wait ---
@@ -250,6 +267,27 @@ class FileValues:
                 except Exception:
                     logs.internal_error("multiprocess write")
                 self._written_waits[labels] = now_wait
+
+    def flush_loop(self, loop: LoopValues) -> None:
+        """Write what the watchdog measured since the last flush."""
+        with _flush_lock:
+            with loop.lock:
+                if not loop.dirty:
+                    return
+                loop.dirty = False
+                now = (dict(loop.blocked), _histogram(loop.lag), loop.threadpool())
+            blocked, lag, threadpool = self._written_loop
+            try:
+                for labels, seconds in now[0].items():
+                    if seconds != blocked.get(labels, 0.0):
+                        self.loop_blocked.labels(*labels).inc(seconds - blocked.get(labels, 0.0))
+                _add(self.loop_lag, now[1], lag, LAG_BUCKETS)
+                if now[2] != threadpool:
+                    for gauge, value in zip(self.threadpool, now[2], strict=True):
+                        gauge.set(value)
+            except Exception:
+                logs.internal_error("multiprocess write")
+            self._written_loop = now
 
     def flush(
         self,

@@ -28,7 +28,7 @@ from .config import Config, default_config
 from .metrics import Series
 from .naming import error_type, task_names
 from .origin import DEPENDENCY, OTHER, detect
-from .request import RequestState, current
+from .request import RequestState, current, forget
 from .routes import NO_ROUTE
 from .spans import (
     ATTR_DEPENDENCY,
@@ -447,6 +447,7 @@ def tasks_interrupted(container: Any, exc: BaseException) -> None:
 def finish_request(state: RequestState, exc: BaseException | None) -> None:
     """At the end of a request: count its never-started tasks as dropped, time the tail."""
     state.closed = True
+    forget(state)
     if not state.records and not state.background_ran:
         return
     try:

@@ -6,6 +6,7 @@ queued anywhere inside the request (handler, dependency, threadpool, helper) fin
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -26,8 +27,9 @@ _ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_r
 
 class RequestState:
     __slots__ = (
-        "_path", "_route", "background_ran", "closed", "config", "live_scope", "on_response_sent",
-        "records", "response_done_at", "root_path", "router_app", "status", "stop_code", "tracing",
+        "_path", "_route", "background_ran", "closed", "config", "frame_id", "live_scope",
+        "on_response_sent", "records", "response_done_at", "root_path", "router_app", "status",
+        "stop_code", "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -51,6 +53,11 @@ class RequestState:
         # itself: that would put every request in a reference cycle (see response_sent).
         self.on_response_sent: Callable[[RequestState], None] | None = None
         self._route: Resolved | None = None
+        # The middleware call that serves this request (our caller): the event-loop watchdog
+        # finds the request a blocked stack belongs to by it. An id, not the frame: the frame
+        # holds this state, and a cycle would wait for the cyclic collector.
+        self.frame_id = id(sys._getframe(1))
+        live[self.frame_id] = self
 
     def response_sent(self) -> None:
         """The last response byte is out (or the response is over): the rest is background."""
@@ -88,6 +95,16 @@ class RequestState:
                 # before routing must not fix the label for the rest of the request.
                 self._route = found
         return found
+
+
+def forget(state: RequestState) -> None:
+    """The request is over: nothing blocks on its behalf any more."""
+    live.pop(state.frame_id, None)
+
+
+# The requests being served now, by the id of the middleware frame that serves each (alive
+# while it is listed, so no other object has its id). One insert and one delete per request.
+live: dict[int, RequestState] = {}
 
 
 current: ContextVar[RequestState | None] = ContextVar("bgtrace_request", default=None)

@@ -32,11 +32,12 @@ EMAIL = "bgtrace.demo.app.send_welcome_email"
 AUDIT = "bgtrace.demo.app.write_audit"
 RECEIPT = "bgtrace.demo.app.render_receipt"
 IMPORT = "bgtrace.demo.app.import_contacts"
+REFRESH = "bgtrace.demo.app.refresh_recommendations"
 # Every task of the example app, with the origin that queues it.
 TASK_ORIGINS = {(EMAIL, "handler"), (AUDIT, "dependency"), (RECEIPT, "handler"),
-                (IMPORT, "handler")}  # fmt: skip
+                (IMPORT, "handler"), (REFRESH, "handler")}  # fmt: skip
 COUNT_COLUMNS = ("enqueued", "completed", "failed", "dropped")
-TIME_COLUMNS = ("run p50", "run p95", "wait p50", "wait p95")
+TIME_COLUMNS = ("run p50", "run p95", "wait p50", "wait p95", "loop blocked")
 
 
 def demo_env() -> dict[str, str]:
@@ -156,6 +157,9 @@ def test_demo_prints_a_row_per_task_with_its_figures() -> None:
     assert rows[RECEIPT, "handler"]["failed"] > 0
     assert rows[IMPORT, "handler"]["dropped"] > 0
     assert rows[EMAIL, "handler"]["failed"] == rows[EMAIL, "handler"]["dropped"] == 0
+    # The 20th refresh blocks the event loop for 0.2 s; the watchdog puts it on that task.
+    assert rows[REFRESH, "handler"]["loop blocked"] > 0
+    assert rows[EMAIL, "handler"]["loop blocked"] == 0
 
 
 def test_demo_serves_until_ctrl_c_and_drives_a_running_app() -> None:

@@ -34,7 +34,8 @@ AUDIT = "bgtrace.demo.app.write_audit"
 RECEIPT = "bgtrace.demo.app.render_receipt"
 IMPORT = "bgtrace.demo.app.import_contacts"
 REPORT = "bgtrace.demo.app.build_report"
-TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT, REPORT)
+REFRESH = "bgtrace.demo.app.refresh_recommendations"
+TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT, REPORT, REFRESH)
 # TODO(issue 13, after merging the loop watchdog and threadpool gauges): these have no data in
 # this test yet; take them out of here and give the app a task that blocks the loop and a
 # saturated pool, so that their panels and rules are evaluated with data too.
@@ -191,6 +192,7 @@ class Traffic:
             total("bgtask_enqueued_total", task=AUDIT, origin="dependency"): self.signups,
             total("bgtask_completed_total", task=EMAIL, outcome="success"): self.signups,
             total("bgtask_completed_total", task=AUDIT, outcome="success"): self.signups,
+            total("bgtask_completed_total", task=REFRESH, outcome="success"): self.signups,
             total("bgtask_enqueued_total", task=RECEIPT): self.receipts,
             total("bgtask_completed_total", task=RECEIPT, outcome="failure"): self.failures,
             total("bgtask_failures_total", task=RECEIPT, error_type=failed): self.failures,

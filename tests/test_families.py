@@ -40,6 +40,9 @@ def populate(registry: CollectorRegistry, namespace: str = "") -> TaskMetrics:
         with other.lock:
             other.queued()  # still queued: gauges at 1
         metrics.post_response_for(value).observe(0.05 * n)
+        metrics.loop_blocked(f"app.tasks.task_{n}", "handler", value, 0.25 * n + 0.1)
+        metrics.loop_blocked("none", "other", value, 1 / 3)
+        metrics.loop_heartbeat(n, 0.0004 * 10**n, (40.0, float(n), 2.0))
     return metrics
 
 
@@ -81,6 +84,18 @@ def test_direct_render_builds_no_prometheus_client_families(
 
     monkeypatch.setattr(bgtrace.metrics, "collect", refuse)
     assert render_registry(registry, generate_latest, openmetrics=False) == expected
+
+
+def test_watchdog_families_read_through_the_registry(registry: CollectorRegistry) -> None:
+    populate(registry)
+    labels = {"task": "app.tasks.task_2", "origin": "handler", "route": AWKWARD[2]}
+    assert registry.get_sample_value("bgtask_loop_blocked_seconds_total", labels) == 0.6
+    assert registry.get_sample_value("bgtrace_event_loop_lag_seconds_count") == len(AWKWARD)
+    assert registry.get_sample_value("bgtrace_event_loop_lag_seconds_bucket", {"le": "0.001"}) == 1
+    # One reading per watched loop, summed.
+    assert registry.get_sample_value("bgtrace_threadpool_tokens") == 40 * len(AWKWARD)
+    assert registry.get_sample_value("bgtrace_threadpool_borrowed") == sum(range(len(AWKWARD)))
+    assert registry.get_sample_value("bgtrace_threadpool_waiting") == 2 * len(AWKWARD)
 
 
 def test_other_collectors_are_kept_and_openmetrics_ends_once(registry: CollectorRegistry) -> None:

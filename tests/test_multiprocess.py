@@ -48,6 +48,8 @@ def some_tasks(metrics: TaskMetrics, rounds: int = 1) -> None:
             series.dropped("request_error")
             other.queued()
         metrics.post_response_for("/send").observe(0.4)
+        metrics.loop_blocked("app.send", "handler", "/send", 0.5)
+        metrics.loop_heartbeat(1, 0.002, (40.0, float(rounds), 0.0))
 
 
 def samples(registry: CollectorRegistry) -> Samples:
@@ -95,6 +97,9 @@ def test_values_reach_prometheus_client_in_batches_equal_to_one_process(
     assert registry.get_sample_value("bgtask_failures_total", failures) == 3
     wait = registry.get_sample_value("bgtask_queue_wait_seconds_bucket", dict(LABELS, le="1.0"))
     assert wait == 6
+    assert registry.get_sample_value("bgtask_loop_blocked_seconds_total", LABELS) == 1.5
+    assert registry.get_sample_value("bgtrace_event_loop_lag_seconds_count") == 3
+    assert registry.get_sample_value("bgtrace_threadpool_borrowed") == 2
 
 
 @pytest.mark.usefixtures("multiprocess")

@@ -27,6 +27,7 @@ from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from bgtrace import worker_files
+from bgtrace.families import LOOP_FAMILIES, full_name
 from bgtrace.multiprocess import MULTIPROC_ENV
 from tests.servers import ROOT, in_forked_child
 
@@ -168,10 +169,18 @@ def test_two_workers_add_up_as_prometheus_client_adds_them(
     assert bgtrace_value(found, "bgtask_queue_length", task="app.mail", **LABELS) == 5
     assert bgtrace_value(found, "shop_bgtask_enqueued_total", task="shop.bill", origin="handler",
                          route="/pay") == 5  # fmt: skip
-    # bgtrace's families never went through prometheus_client's summing; the app's did, and
-    # so did the oldest ages (the maximum over live workers, which the reader does not take).
+    # bgtrace's task families never went through prometheus_client's summing; the app's did,
+    # and so did the watchdog's few series (families.LOOP_FAMILIES) and the oldest ages (the
+    # maximum over live workers, which the reader does not take).
+    summed_too = {full_name("", family) for family in LOOP_FAMILIES}
     why = ("bgtask_oldest_running_seconds", "bgtask_oldest_queued_seconds")
-    assert summed and not [n for n in summed if "bgtask" in n and not n.endswith(why)]
+    assert summed and not [
+        n for n in summed if "bgtask" in n and n not in summed_too and not n.endswith(why)
+    ]
+    assert bgtrace_value(found, "bgtask_loop_blocked_seconds_total", task="app.mail",
+                         **LABELS) == 0.25 * 5  # fmt: skip
+    assert bgtrace_value(found, "bgtrace_threadpool_tokens") == 80
+    assert bgtrace_value(found, "bgtrace_event_loop_lag_seconds_count") == 5
     assert {"app_logins", "app_upload_seconds", "app_pool_max"} <= set(summed)
 
 

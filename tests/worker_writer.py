@@ -38,6 +38,10 @@ def main(tasks: list[str], rounds: int, buckets: tuple[float, ...] = BUCKETS) ->
                     series.dropped("earlier_task_failed")  # one left queued
         shop.series("shop.bill", "handler", "/pay").queued()
         metrics.post_response_for("/orders/{id}").observe(0.7)
+        # The watchdog's: a block, a heartbeat and a threadpool reading (a live-sum gauge).
+        metrics.loop_blocked(tasks[0], "handler", "/orders/{id}", 0.25)
+        metrics.loop_blocked("none", "other", "none", 0.125)
+        metrics.loop_heartbeat(1, 0.003, (40.0, 3.0, 0.0))
     metrics.flush()
     shop.flush()
 

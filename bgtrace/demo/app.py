@@ -1,7 +1,10 @@
 """The example app: a small notifications service whose background tasks bgtrace measures.
 
-* ``POST /signup/{user_id}`` queues ``send_welcome_email`` (async, from the handler) and
-  ``write_audit`` (a ``def``, run in the threadpool, queued by the ``audit_trail`` dependency).
+* ``POST /signup/{user_id}`` queues ``send_welcome_email`` (async, from the handler),
+  ``refresh_recommendations`` (async, from the handler; its 20th call and one in
+  ``BLOCKING_EVERY`` after make a blocking call by mistake and freeze the event loop for
+  0.2 s, which ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a
+  ``def``, run in the threadpool, queued by the ``audit_trail`` dependency).
 * ``POST /orders/{order_id}/receipt`` queues ``render_receipt``, which raises
   ``ReceiptRenderError`` for about one order in four: which ones is fixed by the order id.
 * ``POST /import?rows=N`` queues ``import_contacts`` *before* checking ``rows``: a too-large
@@ -17,6 +20,7 @@ standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``configure_tracing``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import sys
@@ -38,6 +42,7 @@ SLOWNESS_ENV = "BGTRACE_DEMO_SLOWNESS"
 DEFAULT_SERVICE_NAME = "bgtrace-demo"
 MAX_IMPORT_ROWS = 1000
 RECEIPT_FAILURE_RATE = 0.25
+BLOCKING_EVERY = 200
 
 OTLP_ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -58,6 +63,17 @@ def _work(seconds: float) -> float:
 async def send_welcome_email(user_id: int, address: str) -> None:
     # An SMTP hand-off: mostly waiting on the network, 20-60 ms.
     await asyncio.sleep(_work(0.02 + 0.04 * random.Random(user_id).random()))
+
+
+_refreshes = itertools.count(1)
+
+
+async def refresh_recommendations(user_id: int) -> None:
+    await asyncio.sleep(_work(0.005))
+    if next(_refreshes) % BLOCKING_EVERY == 20:
+        # The bug the watchdog exists to show: a synchronous client call (here a sleep) in an
+        # async task stops the event loop, and every request of this process waits.
+        time.sleep(_work(0.2))
 
 
 def write_audit(action: str, subject: str) -> None:
@@ -108,6 +124,7 @@ def _build(lifespan: Lifespan | None, middleware_options: dict[str, Any]) -> Fas
     @app.post("/signup/{user_id}", status_code=202, dependencies=[Depends(audit_trail)])
     async def signup(user_id: int, background_tasks: BackgroundTasks) -> dict[str, int]:
         background_tasks.add_task(send_welcome_email, user_id, f"user{user_id}@example.com")
+        background_tasks.add_task(refresh_recommendations, user_id)
         # The pid shows which worker process answered, when several serve the app.
         return {"user_id": user_id, "pid": os.getpid()}
 

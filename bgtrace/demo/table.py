@@ -23,6 +23,7 @@ class TaskRow:
     dropped: float = 0.0
     run_time: Buckets = field(default_factory=dict)
     queue_wait: Buckets = field(default_factory=dict)
+    loop_blocked: float = 0.0  # seconds of event loop the task blocked
 
 
 def histogram_quantile(q: float, buckets: Buckets) -> float | None:
@@ -79,6 +80,8 @@ def read_rows(metrics_text: str) -> list[TaskRow]:
                     found.failed += value
             elif name == "bgtask_dropped_total":
                 row(labels).dropped += value
+            elif name == "bgtask_loop_blocked_seconds_total" and labels["task"] != "none":
+                row(labels).loop_blocked += value
             elif name == "bgtask_duration_seconds_bucket":
                 run_time[row(labels).task, labels["origin"]][float(labels["le"])] += value
             elif name == "bgtask_queue_wait_seconds_bucket":
@@ -91,11 +94,13 @@ def read_rows(metrics_text: str) -> list[TaskRow]:
 
 COLUMNS = (
     "task", "origin", "enqueued", "completed", "failed", "dropped",
-    "run p50", "run p95", "wait p50", "wait p95",
+    "run p50", "run p95", "wait p50", "wait p95", "loop blocked",
 )  # fmt: skip
 NOTE = (
     "completed: runs that ended, failed ones included. run / wait: run time and queue wait in "
-    "milliseconds,\nestimated from the histogram buckets like PromQL's histogram_quantile()."
+    "milliseconds,\nestimated from the histogram buckets like PromQL's histogram_quantile(). "
+    "loop blocked: milliseconds of event\nloop the task kept for itself (blocking calls in an "
+    "async task), seen by bgtrace's watchdog."
 )
 
 
@@ -114,7 +119,7 @@ def _cells(row: TaskRow) -> list[str]:
         for buckets in (row.run_time, row.queue_wait)
         for q in (0.5, 0.95)
     ]
-    return [row.task, row.origin, *counts, *times]
+    return [row.task, row.origin, *counts, *times, f"{row.loop_blocked * 1000:.0f}"]
 
 
 def _milliseconds(seconds: float | None) -> str:
