@@ -401,11 +401,6 @@ def test_threadpool_gauges_follow_sync_endpoints_holding_threads(
     assert samples("bgtrace_threadpool_tokens") == 40
 
 
-@pytest.mark.xfail(
-    reason="/metrics renders on anyio's default thread limiter on this branch; another branch "
-    "moves it off (then this passes: drop the mark)",
-    strict=False,
-)
 def test_metrics_answer_while_the_threadpool_is_saturated(
     registry: CollectorRegistry, samples: Samples
 ) -> None:
