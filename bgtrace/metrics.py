@@ -100,7 +100,7 @@ class TaskMetrics:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | None,
         namespace: str,
         buckets: tuple[float, ...],
         max_label_values: int,
@@ -125,7 +125,10 @@ class TaskMetrics:
             full_name(namespace, family)  # a bad namespace fails here, before registering
         # Reentrant: see accumulators. In multiprocess mode, one for every set (see there).
         self._lock = VALUES_LOCK if multiprocess_mode() else threading.RLock()
-        if multiprocess_mode():
+        if registry is None:
+            # Read by OpenTelemetry only (otel_metrics): nothing for prometheus_client.
+            pass
+        elif multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             publish(self)
         else:
@@ -147,7 +150,7 @@ class TaskMetrics:
             # Taken out of the registry, still flushed: tasks queued on its series before
             # (the implicit set, replaced by a middleware's) go on to the files as they end.
             self._files.unregister()
-        if self._collector is not None:
+        if self._collector is not None and self.registry is not None:
             self.registry.unregister(self._collector)
 
     def flush(self) -> None:
