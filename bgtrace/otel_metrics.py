@@ -52,7 +52,10 @@ logger = logging.getLogger("bgtrace")
 ENV = "BGTRACE_OTEL_METRICS"
 SCOPE = "bgtrace"
 SECONDS = "s"
-COUNT = "{task}"  # a UCUM annotation: dropped by the Prometheus translation, kept as a hint
+# Counts carry no unit: a UCUM annotation ("{task}") is dropped by the translation, but
+# exporters older than the specification's rules (opentelemetry-exporter-prometheus before
+# 0.46b0) append it and fail on the invalid name, for every metric of their registry.
+COUNT = ""
 # OpenTelemetry's instrument name syntax (the API refuses others); a namespace must fit it.
 _INSTRUMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-/]{0,254}$")
 
