@@ -172,7 +172,8 @@ def test_histograms_have_the_middlewares_buckets(
     if not _advice_supported():
         pytest.skip("opentelemetry-api before 1.23 takes no bucket advice: see the View test")
     buckets = (0.1, 1.0, 10.0)
-    client = TestClient(apps.tutorial_app(registry=registry, meter_provider=meter_provider, buckets=buckets))  # fmt: skip
+    app = apps.tutorial_app(registry=registry, meter_provider=meter_provider, buckets=buckets)
+    client = TestClient(app)
     client.post("/send-notification/a")
     for name in ("bgtask_duration", "bgtask_queue_wait", "bgtask_post_response"):
         [point] = collected(reader)[name].data.data_points
@@ -199,7 +200,7 @@ def test_the_readmes_view_gives_the_buckets_where_the_api_takes_no_advice(
     meter = provider.get_meter("bgtrace")
     made = type(meter).create_histogram
 
-    def without_advice(self: Any, name: str, unit: str = "", description: str = "", **kw: Any) -> Any:  # fmt: skip
+    def without_advice(self: Any, name: str, unit: str, description: str, **kw: Any) -> Any:
         if kw:
             raise TypeError("create_histogram() got an unexpected keyword argument")
         return made(self, name, unit, description)

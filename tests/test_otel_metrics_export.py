@@ -173,8 +173,10 @@ def test_prometheus_scrapes_the_opentelemetry_exporter_and_every_dashboard_query
 ) -> None:
     binary = prometheus_tool("prometheus")
     try:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from opentelemetry.exporter.prometheus import _mapping  # noqa: F401
+        from opentelemetry.exporter.prometheus import (
+            PrometheusMetricReader,
+            _mapping,  # noqa: F401
+        )
     except ImportError:
         pytest.skip("needs opentelemetry-exporter-prometheus 0.46b0+ (the spec's name rules)")
     registry = CollectorRegistry()
