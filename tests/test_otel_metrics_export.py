@@ -35,8 +35,14 @@ CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
 
 class MetricsReceiver(ThreadingHTTPServer):
-    """An OTLP/HTTP metrics receiver: keeps the last export of every metric of bgtrace's scope
-    (cumulative temporality: the last one holds every count)."""
+    """An OTLP/HTTP metrics receiver that stores bgtrace's scope as a Collector or a
+    Prometheus remote-write backend does: each series (metric and attribute set) keeps its
+    last cumulative point, which holds every count since the series started.
+
+    Per series, not per metric: opentelemetry-sdk before 1.23 leaves out of an export every
+    histogram series with no new measurement since the previous one (open-telemetry/
+    opentelemetry-python#3277), so the last export of a metric need not hold all its series.
+    """
 
     daemon_threads = True
 
@@ -45,11 +51,30 @@ class MetricsReceiver(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1/metrics"
         self.lock = threading.Lock()
         self.metrics: dict[str, Metric] = {}
+        self.series: dict[str, dict[frozenset[tuple[str, object]], Any]] = {}
         self.scopes: set[tuple[str, str]] = set()
 
+    def keep(self, metric: Metric) -> None:
+        """Called with ``lock`` held."""
+        if metric.WhichOneof("data") is None:  # SDK < 1.23: a histogram with no new point
+            return
+        self.metrics[metric.name] = metric
+        kept = self.series.setdefault(metric.name, {})
+        for point in points(metric):
+            kept[frozenset(attributes(point).items())] = point
+
     def latest(self) -> dict[str, Metric]:
+        """Each metric as last described, holding the last point of each of its series."""
         with self.lock:
-            return dict(self.metrics)
+            merged = {}
+            for name, metric in self.metrics.items():
+                copy = Metric()
+                copy.CopyFrom(metric)
+                data = getattr(copy, copy.WhichOneof("data"))
+                del data.data_points[:]
+                data.data_points.extend(self.series[name].values())
+                merged[name] = copy
+            return merged
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):
@@ -70,8 +95,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
                     self.server.scopes.add((scope.name, scope.version))
                     if scope.name == "bgtrace":
                         for metric in scope_metrics.metrics:
-                            if metric.WhichOneof("data") is not None:  # SDK 1.20 sends empties
-                                self.server.metrics[metric.name] = metric
+                            self.server.keep(metric)
         reply = ExportMetricsServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
