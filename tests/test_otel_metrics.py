@@ -231,6 +231,7 @@ def test_middlewares_with_their_own_meter_providers_record_only_their_own_tasks(
         counts = [collected(r) for r in readers]
         assert [value(c, "bgtask_enqueued") for c in counts] == [1, 3]
         assert [value(c, "bgtask_duration") for c in counts] == [1, 3]
+        assert [value(c, "bgtask_queue_wait") for c in counts] == [1, 3]
         assert [value(c, "bgtask_post_response") for c in counts] == [1, 3]
     finally:
         _stop_recorders()
@@ -314,21 +315,32 @@ def test_a_namespace_opentelemetry_cannot_name_is_a_value_error(
         )
 
 
-def test_a_failing_meter_never_reaches_the_app_or_the_counts(
-    registry: CollectorRegistry,
-    samples: Samples,
-    meter_provider: MeterProvider,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_failing_meter_never_reaches_the_app_the_counts_or_another_meter_provider(
+    registry: CollectorRegistry, samples: Samples, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = apps.tutorial_app(registry=registry, meter_provider=meter_provider)
-    with TestClient(app) as client:  # the lifespan builds the middleware
-        [recorder] = otel_metrics._recorders.values()
+    readers = [InMemoryMetricReader(), InMemoryMetricReader()]
+    providers = [MeterProvider(metric_readers=[r], shutdown_on_exit=False) for r in readers]
+    broken_app = apps.tutorial_app(registry=registry, meter_provider=providers[0])
+    # The same metrics set (one registry) also goes to a second meter provider.
+    other_app = apps.tutorial_app(registry=registry, meter_provider=providers[1])
+    try:
+        with TestClient(broken_app) as client, TestClient(other_app):
+            # The lifespans built the middlewares: the broken provider's recorder comes first.
+            broken, _ = otel_metrics._recorders.values()
 
-        def broken(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("exporter broke")
+            def fail(*args: Any, **kwargs: Any) -> None:
+                raise RuntimeError("exporter broke")
 
-        for histogram in (recorder.duration, recorder.queue_wait, recorder.post_response):
-            monkeypatch.setattr(histogram, "record", broken)
-        assert client.post("/send-notification/a?q=x").status_code == 200
-    assert len(apps.done) == 2
-    assert samples.total("bgtask_completed_total", outcome="success") == 2
+            for histogram in (broken.duration, broken.queue_wait, broken.post_response):
+                monkeypatch.setattr(histogram, "record", fail)
+            assert client.post("/send-notification/a?q=x").status_code == 200
+        assert len(apps.done) == 2
+        assert samples.total("bgtask_completed_total", outcome="success") == 2
+        # Each observer is guarded on its own: the broken one stops none after it.
+        working = collected(readers[1])
+        for name in ("bgtask_duration", "bgtask_queue_wait", "bgtask_post_response"):
+            assert value(working, name) == (1 if name == "bgtask_post_response" else 2), name
+    finally:
+        _stop_recorders()
+        for provider in providers:
+            provider.shutdown()
