@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from pathlib import Path
 
 from fastapi import BackgroundTasks, FastAPI
 
@@ -21,13 +23,17 @@ async def work(background_tasks: BackgroundTasks) -> dict[str, int]:
     return {"pid": os.getpid()}
 
 
-async def block_the_loop(seconds: float) -> None:
-    # A task that blocks its worker's event loop (a sync call in an async task): gunicorn
-    # hears no heartbeat from the worker and kills it after its --timeout.
+async def block_the_loop(release: Path, seconds: float) -> None:
+    # Running without blocking until the test has seen the task in the gauge (the worker keeps
+    # sending its heartbeat meanwhile, so its timeout cannot fall first). Then a sync call in
+    # an async task blocks the worker's event loop: gunicorn hears no heartbeat and kills it
+    # after its --timeout.
+    while not release.exists():
+        await asyncio.sleep(0.05)
     time.sleep(seconds)
 
 
 @app.post("/block")
-async def block(background_tasks: BackgroundTasks) -> dict[str, int]:
-    background_tasks.add_task(block_the_loop, 120)
+async def block(background_tasks: BackgroundTasks, release: str) -> dict[str, int]:
+    background_tasks.add_task(block_the_loop, Path(release), 120)
     return {"pid": os.getpid()}
