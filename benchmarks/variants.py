@@ -35,6 +35,10 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("bgtrace", "bgtrace, metrics only (no tracer provider)"),
     ("bgtrace+tracing", "bgtrace, SDK tracer provider, batch processor, null exporter"),
     ("bgtrace-no-watchdog", "bgtrace, metrics only, event-loop watchdog off"),
+    (
+        "bgtrace+otel-metrics",
+        "bgtrace, metrics also through an SDK meter provider (in-memory reader, never read)",
+    ),
     ("instrumentator", "prometheus-fastapi-instrumentator, defaults, /metrics exposed"),
     ("starlette-exporter", "starlette-exporter PrometheusMiddleware, /metrics route"),
     ("otel-fastapi", "opentelemetry-instrumentation-fastapi, same SDK set-up"),
@@ -174,6 +178,35 @@ def bgtrace_variant(shape: str, tracing: bool, name: str = "", **options: Any) -
     return Variant(
         name, shape, app, bgtrace.instrument, bgtrace.uninstrument, provider, exporter, registry
     )
+
+
+def _otel_metrics(shape: str) -> Variant:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from bgtrace import otel_metrics
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    variant = bgtrace_variant(shape, tracing=False, meter_provider=provider)
+    variant.name = "bgtrace+otel-metrics"
+
+    def recorders() -> list[Any]:
+        return [r for r in otel_metrics._recorders.values() if r.provider is provider]
+
+    # The recorder observes every task of the process: on only while this variant runs, so
+    # that the other variants' rows show bgtrace with OpenTelemetry metrics off.
+    def activate() -> None:
+        bgtrace.instrument()
+        for recorder in recorders():
+            recorder.start()
+
+    def deactivate() -> None:
+        for recorder in recorders():
+            recorder.stop()
+        bgtrace.uninstrument()
+
+    variant.activate, variant.deactivate = activate, deactivate
+    return variant
 
 
 def _instrumentator(shape: str) -> Variant:
@@ -417,6 +450,8 @@ def build(name: str, shape: str) -> Variant | None:
         return bgtrace_variant(shape, tracing=True)
     if name == "bgtrace-no-watchdog":
         return bgtrace_variant(shape, False, name, loop_block_threshold=None)
+    if name == "bgtrace+otel-metrics":
+        return _otel_metrics(shape)
     if name == "instrumentator":
         return _instrumentator(shape)
     if name == "starlette-exporter":

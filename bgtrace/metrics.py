@@ -104,7 +104,7 @@ class TaskMetrics:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | None,
         namespace: str,
         buckets: tuple[float, ...],
         max_label_values: int,
@@ -136,7 +136,10 @@ class TaskMetrics:
         forks.guard(self._lock, forks.VALUES)
         # The event-loop watchdog's values (``watchdog``), updated from its thread.
         self.loop = LoopValues(self._lock)
-        if multiprocess_mode():
+        if registry is None:
+            # Read by OpenTelemetry only (otel_metrics): nothing for prometheus_client.
+            pass
+        elif multiprocess_mode():
             self._files = FileValues(registry, namespace, buckets)
             self._changed = []
             publish(self)
@@ -159,7 +162,7 @@ class TaskMetrics:
             # Taken out of the registry, still flushed: tasks queued on its series before
             # (the implicit set, replaced by a middleware's) go on to the files as they end.
             self._files.unregister()
-        if self._collector is not None:
+        if self._collector is not None and self.registry is not None:
             self.registry.unregister(self._collector)
 
     def flush(self) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from opentelemetry import trace
+from opentelemetry.metrics import MeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from .multiprocess import (
     forget_process_at_exit,
     multiprocess_mode,
 )
+from .otel_metrics import recorder_for, resolve_provider, unexposed_metrics
 from .page import tasks_app
 from .records import finish_request
 from .request import RequestState, current
@@ -56,6 +58,7 @@ class BackgroundTaskMiddleware:
         trace_url: str | None = None,
         stuck_after: float | None = DEFAULT_STUCK_AFTER,
         loop_block_threshold: float | None = DEFAULT_THRESHOLD,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if request_spans not in REQUEST_SPAN_MODES:
             raise ValueError(
@@ -68,8 +71,15 @@ class BackgroundTaskMiddleware:
         if metrics_path is not None and not metrics_path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', got {metrics_path!r}")
         self.app = app
-        registry = REGISTRY if registry is None else registry
-        metrics = task_metrics(registry, namespace, buckets, max_label_values)
+        provider = resolve_provider(meter_provider)
+        if provider is not None and metrics_path is None and registry is None:
+            # Nothing scrapes this app: OpenTelemetry alone reads bgtrace's values.
+            metrics = unexposed_metrics(provider, namespace, buckets, max_label_values)
+        else:
+            registry = REGISTRY if registry is None else registry
+            metrics = task_metrics(registry, namespace, buckets, max_label_values)
+        if provider is not None:
+            recorder_for(metrics, provider)
         self._config = Config.create(metrics, tracer_provider, trace_mode)
         self._metrics_path = metrics_path
         self._metrics_app = metrics_app(registry, token=metrics_token)

@@ -459,10 +459,31 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
                 record.drop(reason)
         state.records = []  # all ended: nothing to keep alive with the state
         if state.response_done_at is not None:
-            post_response = state.config.metrics.post_response_for(state.route()[0])
-            post_response.observe(end - state.response_done_at)
+            route, seconds = state.route()[0], end - state.response_done_at
+            state.config.metrics.post_response_for(route).observe(seconds)
+            for observer in post_response_observers:
+                try:
+                    observer(state.config.metrics, route, seconds)
+                except Exception:
+                    inflight.observer_failed("post_response")
     except Exception:
         logs.internal_error("request end")
+
+
+# Told of each request's post-response time: (its metrics set, its route, seconds). A tuple,
+# replaced whole, as inflight's observers; empty unless OpenTelemetry metrics are on.
+post_response_observers: tuple[Callable[[Any, str, float], None], ...] = ()
+
+
+def add_post_response_observer(observer: Callable[[Any, str, float], None]) -> None:
+    global post_response_observers
+    if observer not in post_response_observers:
+        post_response_observers = (*post_response_observers, observer)
+
+
+def remove_post_response_observer(observer: Callable[[Any, str, float], None]) -> None:
+    global post_response_observers
+    post_response_observers = tuple(o for o in post_response_observers if o != observer)
 
 
 def _drop_reason(state: RequestState, exc: BaseException | None) -> str:

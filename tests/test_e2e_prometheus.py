@@ -245,9 +245,9 @@ def test_prometheus_scrapes_two_workers_and_every_dashboard_query_answers(
             raise AssertionError(f"{exc}\n--- app output ---\n{output.tail()}") from None
 
 
-def check_scraped_app(prometheus: Prometheus, traffic: Traffic) -> None:
+def check_scraped_app(prometheus: Prometheus, traffic: Traffic, workers: int = 2) -> None:
     # Fresh connections, so the kernel spreads them over both workers.
-    while len(traffic.pids) < 2:
+    while len(traffic.pids) < workers:
         assert traffic.signups < 2000, f"only workers {traffic.pids} answered"
         traffic.signup()
     # Two bursts, with a scrape between them: failures and drops then exist in Prometheus
