@@ -68,8 +68,10 @@ class BackgroundTaskMiddleware:
             raise ValueError(
                 f"stuck_after must be a positive number of seconds or None, got {stuck_after!r}"
             )
-        if metrics_path is not None and not metrics_path.startswith("/"):
-            raise ValueError(f"metrics_path must start with '/', got {metrics_path!r}")
+        for name, path in (("metrics_path", metrics_path), ("tasks_path", tasks_path)):
+            if path is not None and not path.startswith("/"):
+                raise ValueError(f"{name} must start with '/', got {path!r}")
+        self._loop_block_threshold = check_threshold(loop_block_threshold)
         self.app = app
         provider = resolve_provider(meter_provider)
         if provider is not None and metrics_path is None and registry is None:
@@ -81,20 +83,17 @@ class BackgroundTaskMiddleware:
         if provider is not None:
             recorder_for(metrics, provider)
         self._config = Config.create(metrics, tracer_provider, trace_mode)
-        self._metrics_path = metrics_path
-        self._metrics_app = metrics_app(registry, token=metrics_token)
-        if tasks_path is not None and not tasks_path.startswith("/"):
-            raise ValueError(f"tasks_path must start with '/', got {tasks_path!r}")
-        self._tasks_path = tasks_path
-        self._tasks_app = (
-            None
-            if tasks_path is None
-            else tasks_app(metrics, token=metrics_token, trace_url=trace_url)
-        )
+        # bgtrace's own endpoints, by path below root_path: /metrics and the live page.
+        self._endpoints: dict[str, ASGIApp] = {}
+        if tasks_path is not None:
+            self._endpoints[tasks_path] = tasks_app(
+                metrics, token=metrics_token, trace_url=trace_url
+            )
+        if metrics_path is not None:
+            self._endpoints[metrics_path] = metrics_app(registry, token=metrics_token)
         self._request_spans = request_spans == "auto"
         self._router_app = find_router_app(app)
         self._instrumentations = InstrumentationLookup(app)
-        self._loop_block_threshold = check_threshold(loop_block_threshold)
         instrument()
         check_multiprocess_dir()
         forget_process_at_exit()
@@ -107,12 +106,11 @@ class BackgroundTaskMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        if self._metrics_path is not None and _route_path(scope) == self._metrics_path:
-            await self._metrics_app(scope, receive, send)
-            return
-        if self._tasks_app is not None and _route_path(scope) == self._tasks_path:
-            await self._tasks_app(scope, receive, send)
-            return
+        if self._endpoints:
+            endpoint = self._endpoints.get(_route_path(scope))
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
         outer = current.get()
         if outer is not None and outer.live_scope is scope and not outer.closed:
             # A bgtrace middleware further out (around a mount) already records this request,
