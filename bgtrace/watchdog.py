@@ -32,7 +32,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import inflight, logs, request
-from .accumulators import Threadpool
+from .accumulators import LAG_BUCKETS, Threadpool, quantile_of
 from .origin import OTHER, detect
 from .records import RUNNING, TaskRecord
 from .routes import NO_ROUTE
@@ -72,6 +72,28 @@ def check_threshold(threshold: float | None) -> float | None:
     if not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"loop_block_threshold must be a positive number, got {threshold!r}")
     return float(threshold)
+
+
+def diagnostics(metrics: TaskMetrics) -> dict[str, object] | None:
+    """What the live page shows of the event loop and the threadpool, from the values the
+    watchdog keeps for ``metrics``; ``None`` before its first heartbeat came back (and so
+    always with ``loop_block_threshold=None``). This process only, since it started."""
+    loop = metrics.loop
+    with loop.lock:
+        counts = list(loop.lag.counts)
+        if not sum(counts) and not loop.threadpools:
+            return None
+        found: dict[str, object] = {
+            "loop_lag_last_seconds": loop.last_lag,
+            "loop_lag_p99_seconds": quantile_of(0.99, LAG_BUCKETS, counts),
+            "loop_blocked_seconds": sum(loop.blocked.values()),
+        }
+        if loop.threadpools:
+            tokens, borrowed, waiting = loop.threadpool()
+            found["threadpool_tokens"] = tokens
+            found["threadpool_borrowed"] = borrowed
+            found["threadpool_waiting"] = waiting
+    return found
 
 
 # --- on the request path ---------------------------------------------------------------------

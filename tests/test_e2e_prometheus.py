@@ -340,8 +340,18 @@ def check_scraped_app(prometheus: Prometheus, traffic: Traffic) -> None:
 
     # The Why rules need minutes of trouble to fire (their `for:`), but what they compare with
     # their threshold has data: a series per task that blocked the loop, one for the instance.
+    # (The threadpool rule's subquery steps on whole minutes: it has a point once a minute
+    # began after the first scrape.)
     rules = {r["name"]: r["query"] for r in prometheus.get("/api/v1/rules")["groups"][0]["rules"]}
-    measured = {name: prometheus.query(without_threshold(rules[name])) for name in WHY_RULES}
+    measured: dict[str, list[dict[str, Any]]] = {}
+
+    def why_rules_measure() -> dict[str, Any]:
+        measured.update(
+            {name: prometheus.query(without_threshold(rules[name])) for name in WHY_RULES}
+        )
+        return {name: found for name, found in measured.items() if not found}
+
+    poll(why_rules_measure, 90, "the Why rules' expressions to have data")
     blocked = {s["metric"].get("task"): float(s["value"][1]) for s in measured[WHY_RULES[0]]}
     assert blocked.get(REFRESH, 0) > 0, measured
     [waiting] = measured[WHY_RULES[1]]
