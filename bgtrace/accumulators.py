@@ -167,12 +167,13 @@ class LoopValues:
     (task, origin, route), the heartbeat lag, and the latest threadpool reading of each loop
     it watches (summed: one per worker process in a real server)."""
 
-    __slots__ = ("blocked", "dirty", "lag", "lock", "threadpools")
+    __slots__ = ("blocked", "dirty", "lag", "last_lag", "lock", "threadpools")
 
     def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
         self.blocked: dict[tuple[str, str, str], float] = {}
         self.lag = LocalHistogram(LAG_BUCKETS, lock)
+        self.last_lag: float | None = None  # the latest heartbeat's, for the live page
         self.threadpools: dict[int, Threadpool] = {}
         # Changed since multiprocess mode last copied it to the files.
         self.dirty = False
@@ -185,6 +186,7 @@ class LoopValues:
     def observe_lag(self, seconds: float) -> None:
         with self.lock:
             self.lag.add(seconds)
+            self.last_lag = seconds
             self.dirty = True
 
     def set_threadpool(self, loop: int, reading: Threadpool | None) -> None:
@@ -205,3 +207,21 @@ class LoopValues:
             return 0.0, 0.0, 0.0
         tokens, borrowed, waiting = zip(*readings, strict=True)
         return sum(tokens), sum(borrowed), sum(waiting)
+
+
+def quantile_of(q: float, bounds: tuple[float, ...], counts: list[int]) -> float | None:
+    """Estimated as Prometheus' ``histogram_quantile`` does from these buckets (``counts``:
+    per bucket, not cumulative, the last one ``+Inf``); ``None`` without observations."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if seen + count >= rank and count > 0:
+            if index == len(bounds):
+                return bounds[-1] if bounds else None  # in +Inf: the highest finite bound
+            start = bounds[index - 1] if index > 0 else 0.0
+            return start + (bounds[index] - start) * (rank - seen) / count
+        seen += count
+    return bounds[-1] if bounds else None

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs
 from opentelemetry import trace
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import inflight, logs
-from .accumulators import LocalHistogram
+from . import inflight, logs, watchdog
+from .accumulators import LocalHistogram, quantile_of
 from .exposition import authorized, token_secret
 from .metrics import TaskMetrics
 from .records import FAILURE, RUNNING, TaskRecord, sampled_trace_id
@@ -36,10 +36,11 @@ FORMAT_VERSION = 1
 RECENT_FAILURES = 100
 RECENT_DROPS = 100
 
-# Set by whatever measures event-loop lag and the threadpool in this process: a callable
-# returning a flat mapping of names to numbers or short strings, shown as it is (the page says
-# "not available" while it is None).
-diagnostics_provider: Callable[[], Mapping[str, object]] | None = None
+# What the page shows of the event loop and the threadpool for a metrics set: a flat mapping of
+# names to numbers or short strings, shown as it is, or None ("not available"). The event-loop
+# watchdog's values by default (``watchdog.diagnostics``); replaceable, or None for nothing.
+DiagnosticsProvider = Callable[[TaskMetrics], Mapping[str, object] | None]
+diagnostics_provider: DiagnosticsProvider | None = watchdog.diagnostics
 
 
 class RecentEnds:
@@ -119,23 +120,6 @@ def quantile(q: float, histogram: LocalHistogram) -> float | None:
     return quantile_of(q, histogram.bounds, list(histogram.counts))
 
 
-def quantile_of(q: float, bounds: tuple[float, ...], counts: list[int]) -> float | None:
-    """``counts``: per bucket, not cumulative, the last one ``+Inf``."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(counts):
-        if seen + count >= rank and count > 0:
-            if index == len(bounds):
-                return bounds[-1] if bounds else None  # in +Inf: the highest finite bound
-            start = bounds[index - 1] if index > 0 else 0.0
-            return start + (bounds[index] - start) * (rank - seen) / count
-        seen += count
-    return bounds[-1] if bounds else None
-
-
 def _trace_id_of(record: TaskRecord) -> str | None:
     """A running task's own trace; a queued one's is its request's (where its span will go,
     or what it will link to)."""
@@ -181,7 +165,8 @@ def snapshot(metrics: TaskMetrics, trace_url: str | None) -> dict[str, Any]:
     provider = diagnostics_provider
     if provider is not None:
         try:
-            diagnostics = {str(k): v for k, v in provider().items()}
+            found = provider(metrics)
+            diagnostics = None if found is None else {str(k): v for k, v in found.items()}
         except Exception:
             logs.internal_error("live page diagnostics")
     return {
@@ -217,6 +202,10 @@ def _per_task(metrics: TaskMetrics) -> list[dict[str, Any]]:
                 row["run"][i] += count
             for i, count in enumerate(s.queue_wait.counts):
                 row["wait"][i] += count
+        loop = metrics.loop
+        blocked: dict[str, float] = {}
+        for (task, _origin, _route), seconds in loop.blocked.items():
+            blocked[task] = blocked.get(task, 0.0) + seconds
     bounds = metrics.buckets
     rows = []
     for task in sorted(sums):
@@ -226,6 +215,7 @@ def _per_task(metrics: TaskMetrics) -> list[dict[str, Any]]:
         row["run_p95_seconds"] = quantile_of(0.95, bounds, run)
         row["wait_p50_seconds"] = quantile_of(0.5, bounds, wait)
         row["wait_p95_seconds"] = quantile_of(0.95, bounds, wait)
+        row["loop_blocked_seconds"] = blocked.get(task, 0.0)
         rows.append(row)
     return rows
 

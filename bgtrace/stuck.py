@@ -14,11 +14,11 @@ argument.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
 import threading
-import time
 import types
 import weakref
 from time import perf_counter
@@ -146,13 +146,15 @@ _OBSERVER = _Observer()
 # --- the checker thread --------------------------------------------------------------------
 
 _checker: threading.Thread | None = None
+# Set at interpreter exit: the thread ends before the modules it uses are torn down.
+_stop = threading.Event()
 _reported: weakref.WeakSet[TaskRecord] = weakref.WeakSet()
 
 
 def _start_checker() -> None:
     global _checker
     with _lock:
-        if _checker is not None:
+        if _checker is not None or _stop.is_set():
             return
         if _default_after is None and not any(a is not None for a in _after.values()):
             return  # nothing to check: started by the first task after a middleware wants it
@@ -165,8 +167,7 @@ def _start_checker() -> None:
 
 
 def _check_forever() -> None:
-    while True:
-        time.sleep(_interval())
+    while not _stop.wait(_interval()):
         try:
             check()
         except Exception:
@@ -341,11 +342,22 @@ def _install_shutdown_hook() -> None:
         server_logger.addFilter(_SHUTDOWN_WATCH)
 
 
+def _stop_at_exit() -> None:
+    _stop.set()
+    checker = _checker
+    if checker is not None and checker is not threading.current_thread():
+        checker.join(timeout=1.0)
+
+
+atexit.register(_stop_at_exit)
+
+
 def _forget_in_child() -> None:
     # The parent's checker thread does not exist here, nor do its tasks.
-    global _checker, _lock
+    global _checker, _lock, _stop
     _checker = None
     _lock = threading.Lock()
+    _stop = threading.Event()  # its lock may have been held by the parent's checker
     _coroutines.clear()
 
 

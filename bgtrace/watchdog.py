@@ -18,6 +18,7 @@ request path pays one thread-local lookup (``ensure_watched``); tasks pay nothin
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import inflight, logs, request
-from .accumulators import Threadpool
+from .accumulators import LAG_BUCKETS, Threadpool, quantile_of
 from .origin import OTHER, detect
 from .records import RUNNING, TaskRecord
 from .routes import NO_ROUTE
@@ -72,6 +73,28 @@ def check_threshold(threshold: float | None) -> float | None:
     if not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"loop_block_threshold must be a positive number, got {threshold!r}")
     return float(threshold)
+
+
+def diagnostics(metrics: TaskMetrics) -> dict[str, object] | None:
+    """What the live page shows of the event loop and the threadpool, from the values the
+    watchdog keeps for ``metrics``; ``None`` before its first heartbeat came back (and so
+    always with ``loop_block_threshold=None``). This process only, since it started."""
+    loop = metrics.loop
+    with loop.lock:
+        counts = list(loop.lag.counts)
+        if not sum(counts) and not loop.threadpools:
+            return None
+        found: dict[str, object] = {
+            "loop_lag_last_seconds": loop.last_lag,
+            "loop_lag_p99_seconds": quantile_of(0.99, LAG_BUCKETS, counts),
+            "loop_blocked_seconds": sum(loop.blocked.values()),
+        }
+        if loop.threadpools:
+            tokens, borrowed, waiting = loop.threadpool()
+            found["threadpool_tokens"] = tokens
+            found["threadpool_borrowed"] = borrowed
+            found["threadpool_waiting"] = waiting
+    return found
 
 
 # --- on the request path ---------------------------------------------------------------------
@@ -612,21 +635,24 @@ _lock = threading.Lock()
 _watches: list[_Watch] = []
 _wake = threading.Event()
 _thread_pid = 0
+_thread: threading.Thread | None = None
+_stopping = False
 IDLE_CHECK = 1.0
 
 
 def _ensure_thread() -> None:
     """Start this process's watchdog thread once (the caller holds ``_lock``)."""
-    global _thread_pid
-    if _thread_pid == os.getpid():
+    global _thread_pid, _thread
+    if _thread_pid == os.getpid() or _stopping:
         return
     thread = threading.Thread(target=_run, name="bgtrace-watchdog", daemon=True)
     thread.start()
     _thread_pid = os.getpid()
+    _thread = thread
 
 
 def _run() -> None:
-    while True:
+    while not _stopping:
         delay = IDLE_CHECK
         try:
             delay = _check_all()
@@ -654,15 +680,30 @@ def _check_all() -> float:
     return max(delay, 0.0)
 
 
+def _stop_at_exit() -> None:
+    # The thread ends before the interpreter tears down the modules it uses (a daemon thread
+    # would otherwise be frozen mid-check, or wake up to a half-finalized interpreter).
+    global _stopping
+    _stopping = True
+    _wake.set()
+    thread = _thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=1.0)
+
+
+atexit.register(_stop_at_exit)
+
+
 def _forget_in_child() -> None:
     # A forked child has no watchdog thread, and its parent's loops are not its own.
-    global _thread_pid, _lock, _wake
+    global _thread_pid, _thread, _lock, _wake
     _lock = threading.Lock()
     _wake = threading.Event()  # its lock may have been held by the parent's watchdog thread
     for watch in _watches:
         watch.ended = True
     _watches.clear()
     _thread_pid = 0
+    _thread = None
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -8,6 +8,7 @@ workers), the alert rules load and fire, and the demo's quantile estimate is Pro
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import threading
 import time
@@ -36,13 +37,15 @@ IMPORT = "bgtrace.demo.app.import_contacts"
 REPORT = "bgtrace.demo.app.build_report"
 REFRESH = "bgtrace.demo.app.refresh_recommendations"
 TASKS = (EMAIL, AUDIT, RECEIPT, IMPORT, REPORT, REFRESH)
-# TODO(issue 13, after merging the loop watchdog and threadpool gauges): these have no data in
-# this test yet; take them out of here and give the app a task that blocks the loop and a
-# saturated pool, so that their panels and rules are evaluated with data too.
-NOT_YET_EXPORTED = (
-    "bgtask_loop_blocked_seconds_total", "bgtrace_event_loop_lag_seconds",
-    "bgtrace_threadpool_tokens", "bgtrace_threadpool_borrowed", "bgtrace_threadpool_waiting",
-)  # fmt: skip
+# The app's threadpool, small enough that a burst of reports (a def task holding a thread for a
+# second) keeps callers waiting for a thread at a few scrapes; the refresh task blocks the event
+# loop on one call in five.
+SLOWNESS = 0.2
+REPORT_SECONDS = 5.0 * SLOWNESS  # build_report's
+THREADS = 4
+REPORT_BURST = 3 * THREADS
+BLOCKING_EVERY = 5
+WHY_RULES = ("BgtaskEventLoopBlocked", "BgtaskThreadpoolSaturated")
 
 
 @contextmanager
@@ -215,6 +218,13 @@ def total(metric: str, **labels: str) -> str:
     return f"sum({metric}{{{matchers}}})"
 
 
+def without_threshold(expr: str) -> str:
+    """An alert rule's expression without its final ``> threshold``: what it measures."""
+    stripped = re.sub(r"\s*>\s*[0-9.]+\s*$", "", expr)
+    assert stripped != expr, expr
+    return stripped
+
+
 def stored_counts(prometheus: Prometheus, expected: dict[str, float]) -> dict[str, Any]:
     """Expression -> (stored, expected) for every expression not (yet) at its value."""
     stored = {expr: prometheus.value(expr) for expr in expected}
@@ -231,7 +241,12 @@ def test_prometheus_scrapes_two_workers_and_every_dashboard_query_answers(
     url = f"http://127.0.0.1:{port}"
     args = ["-m", "uvicorn", "bgtrace.demo.app:app", "--host", "127.0.0.1", "--port", str(port),
             "--workers", "2", "--log-level", "warning"]  # fmt: skip
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(multiproc), "BGTRACE_DEMO_SLOWNESS": "0.2"}
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "BGTRACE_DEMO_SLOWNESS": str(SLOWNESS),
+        "BGTRACE_DEMO_THREADS": str(THREADS),
+        "BGTRACE_DEMO_BLOCKING_EVERY": str(BLOCKING_EVERY),
+    }
     with (
         running_prometheus(binary, port, tmp_path) as prometheus_url,
         httpx.Client(base_url=prometheus_url, timeout=10) as prometheus_client,
@@ -256,26 +271,41 @@ def check_scraped_app(prometheus: Prometheus, traffic: Traffic, workers: int = 2
     poll(lambda: stored_counts(prometheus, traffic.expected()), 30, "the first burst")
     traffic.burst(signups=10, receipts=20, imports=6)
     assert traffic.failures > 0 and traffic.oversized > 0
-    # A task running for a second (the demo's report) shows its age while it runs; def tasks
-    # record their thread wait.
-    oldest = f'max(bgtask_oldest_running_seconds{{job="{JOB}", task="{REPORT}"}})'
+    # The Why row's signals, each seen in Prometheus: a running report's age (a def task running
+    # for a second), callers waiting for one of the few threads (bursts of reports), and the
+    # loop time the refresh task blocked (one call in BLOCKING_EVERY sleeps on the loop).
+    why = {
+        "report age": f'max(max_over_time(bgtask_oldest_running_seconds{{job="{JOB}", '
+                      f'task="{REPORT}"}}[5m]))',
+        "waiting": f'max(max_over_time(bgtrace_threadpool_waiting{{job="{JOB}"}}[5m]))',
+        "blocked": total("bgtask_loop_blocked_seconds_total", task=REFRESH),
+    }  # fmt: skip
+    least = {"report age": 0.2, "waiting": 0.5, "blocked": 0.1}
+    last_reports = [0.0]
 
-    def report_seen_running() -> dict[str, Any]:
-        if (prometheus.value(oldest) or 0) > 0.2:
-            return {}
-        if traffic.reports < 60:
-            traffic.report()
-        return {oldest: prometheus.value(oldest)}
+    def why_seen() -> dict[str, Any]:
+        missing = {}
+        for name, expr in why.items():
+            if (value := prometheus.value(expr) or 0) < least[name]:
+                missing[name] = value
+        # A burst of reports keeps the threads busy for about three seconds: one at a time.
+        wants_reports = "report age" in missing or "waiting" in missing
+        if wants_reports and time.monotonic() - last_reports[0] > 3 * REPORT_SECONDS:
+            last_reports[0] = time.monotonic()
+            for _ in range(REPORT_BURST):
+                traffic.report()
+        if "blocked" in missing and traffic.signups < 400:
+            for _ in range(BLOCKING_EVERY):
+                traffic.signup()
+        return missing
 
-    poll(report_seen_running, 60, "a running report's age in Prometheus")
+    poll(why_seen, 90, "the Why row's signals in Prometheus")
     poll(lambda: stored_counts(prometheus, traffic.expected()), 30, "the counts sent")
 
     # Every expression of every panel answers, with a number, on this traffic.
     substitutions = {**GRAFANA_SUBSTITUTIONS, "$job": JOB}
     unanswered = {}
     for where, expr in dashboard_exprs(load_dashboard()):
-        if any(name in expr for name in NOT_YET_EXPORTED):
-            continue
         for var in sorted(substitutions, key=len, reverse=True):
             expr = expr.replace(var, substitutions[var])
         values = [float(sample["value"][1]) for sample in prometheus.query(expr)]
@@ -307,3 +337,22 @@ def check_scraped_app(prometheus: Prometheus, traffic: Traffic, workers: int = 2
         return unhealthy
 
     poll(rules_and_alerts, 30, "the alert rules to evaluate")
+
+    # The Why rules need minutes of trouble to fire (their `for:`), but what they compare with
+    # their threshold has data: a series per task that blocked the loop, one for the instance.
+    # (The threadpool rule's subquery steps on whole minutes: it has a point once a minute
+    # began after the first scrape.)
+    rules = {r["name"]: r["query"] for r in prometheus.get("/api/v1/rules")["groups"][0]["rules"]}
+    measured: dict[str, list[dict[str, Any]]] = {}
+
+    def why_rules_measure() -> dict[str, Any]:
+        measured.update(
+            {name: prometheus.query(without_threshold(rules[name])) for name in WHY_RULES}
+        )
+        return {name: found for name, found in measured.items() if not found}
+
+    poll(why_rules_measure, 90, "the Why rules' expressions to have data")
+    blocked = {s["metric"].get("task"): float(s["value"][1]) for s in measured[WHY_RULES[0]]}
+    assert blocked.get(REFRESH, 0) > 0, measured
+    [waiting] = measured[WHY_RULES[1]]
+    assert waiting["metric"]["job"] == JOB and math.isfinite(float(waiting["value"][1])), measured

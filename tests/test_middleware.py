@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI, WebSocket
@@ -17,6 +20,7 @@ from bgtrace.accumulators import LocalSeries
 from bgtrace.metrics import TaskMetrics
 from tests import apps
 from tests.conftest import Samples
+from tests.servers import ROOT
 
 ROUTE = "/send-notification/{email}"
 NOTIFY = "tests.apps.write_notification"
@@ -317,3 +321,53 @@ def test_no_second_server_span_under_an_unsampled_one(
     TestClient(outer(inner)).post("/send-notification/x")
     assert exporter.get_finished_spans() == ()  # the task span follows its unsampled parent
     assert len(apps.done) == 1
+
+
+THREADS_SCRIPT = """
+import atexit, sys, threading
+
+def bgtrace_threads():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("bgtrace-"))
+
+# Registered before bgtrace is imported, so it runs after bgtrace's own exit hooks.
+atexit.register(lambda: print("at exit:", bgtrace_threads(), flush=True))
+
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from bgtrace import BackgroundTaskMiddleware
+
+print("imported:", bgtrace_threads(), flush=True)
+app = FastAPI()
+app.add_middleware(BackgroundTaskMiddleware, registry=CollectorRegistry())
+
+async def noop() -> None:
+    pass
+
+@app.post("/")
+async def endpoint(background_tasks: BackgroundTasks) -> None:
+    background_tasks.add_task(noop)
+
+BackgroundTaskMiddleware(app, registry=CollectorRegistry())
+print("constructed:", bgtrace_threads(), flush=True)
+with TestClient(app) as client:
+    client.post("/")
+    print("served:", bgtrace_threads(), flush=True)
+"""
+
+
+def test_no_bgtrace_thread_before_a_request_and_both_stop_at_exit(tmp_path: Path) -> None:
+    """Importing bgtrace or constructing the middleware starts no thread; the first request and
+    task start the watchdog and the stuck checker, which end before the interpreter does."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "imported: []",
+        "constructed: []",
+        "served: ['bgtrace-stuck', 'bgtrace-watchdog']",
+        "at exit: []",
+    ], result.stderr

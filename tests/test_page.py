@@ -13,11 +13,12 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from bgtrace import BackgroundTaskMiddleware, page
+from bgtrace import BackgroundTaskMiddleware, page, watchdog
 from bgtrace.demo.table import histogram_quantile
 from bgtrace.metrics import task_metrics
 from bgtrace.testing import BackgroundTaskRecorder
 from tests import apps
+from tests.servers import wait_for
 
 JSON = {"accept": "application/json"}
 
@@ -35,7 +36,7 @@ def _empty_rings() -> Iterator[None]:
     recent.failures.clear()
     recent.drops.clear()
     yield
-    page.diagnostics_provider = None
+    page.diagnostics_provider = watchdog.diagnostics
 
 
 def test_no_page_unless_tasks_path_is_set(registry: CollectorRegistry) -> None:
@@ -218,16 +219,60 @@ def test_quantiles_match_promql_histogram_quantile(counts: list[int], q: float) 
     assert page.quantile_of(q, bounds, counts) == pytest.approx(histogram_quantile(q, cumulative))
 
 
-def test_diagnostics_from_a_provider_else_not_available(
+def test_diagnostics_from_the_watchdog_loop_lag_threadpool_and_blocked_time(
+    registry: CollectorRegistry,
+) -> None:
+    client = page_client(registry, loop_block_threshold=0.05)
+    seen: list[dict[str, Any]] = []
+    with client:
+        client.post("/fail-first")  # the first request starts the watchdog on the app's loop
+
+        def diagnostics() -> bool:
+            seen.append(client.get("/bgtasks", headers=JSON).json()["diagnostics"] or {})
+            return "threadpool_tokens" in seen[-1]
+
+        wait_for(diagnostics, timeout=30, what="the watchdog's diagnostics on the page")
+    found = seen[-1]
+    assert set(found) == {
+        "loop_lag_last_seconds", "loop_lag_p99_seconds", "loop_blocked_seconds",
+        "threadpool_tokens", "threadpool_borrowed", "threadpool_waiting",
+    }  # fmt: skip
+    assert found["loop_lag_last_seconds"] >= 0 and found["loop_lag_p99_seconds"] >= 0
+    assert found["threadpool_tokens"] == 40  # anyio's default limiter
+    assert found["threadpool_borrowed"] >= 0 and found["threadpool_waiting"] == 0
+
+
+def test_diagnostics_not_available_when_the_watchdog_is_off(registry: CollectorRegistry) -> None:
+    client = page_client(registry, loop_block_threshold=None)
+    with client:
+        client.post("/fail-first")
+        assert client.get("/bgtasks", headers=JSON).json()["diagnostics"] is None
+
+
+def test_loop_blocked_seconds_per_task_row_from_the_watchdog_values(
+    registry: CollectorRegistry,
+) -> None:
+    client = page_client(registry, loop_block_threshold=None)
+    client.post("/fail-first")
+    metrics = task_metrics(registry, "", None)
+    metrics.loop_blocked("tests.apps.fail", "handler", "/fail-first", 0.25)
+    metrics.loop_blocked("none", "handler", "/fail-first", 1.0)  # an endpoint's: no task row
+    rows = {r["task"]: r for r in client.get("/bgtasks", headers=JSON).json()["tasks"]}
+    assert rows["tests.apps.fail"]["loop_blocked_seconds"] == 0.25
+    assert rows["tests.apps.write_log"]["loop_blocked_seconds"] == 0
+    assert "none" not in rows
+
+
+def test_diagnostics_from_a_replaced_provider_and_a_failing_one_is_not_available(
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = page_client(registry)
+    client = page_client(registry, loop_block_threshold=None)
     assert client.get("/bgtasks", headers=JSON).json()["diagnostics"] is None
-    page.diagnostics_provider = lambda: {"loop_lag_seconds": 0.25, "threadpool_busy": "3/40"}
+    page.diagnostics_provider = lambda metrics: {"loop_lag_seconds": 0.25, "busy": "3/40"}
     diagnostics = client.get("/bgtasks", headers=JSON).json()["diagnostics"]
-    assert diagnostics == {"loop_lag_seconds": 0.25, "threadpool_busy": "3/40"}
+    assert diagnostics == {"loop_lag_seconds": 0.25, "busy": "3/40"}
 
-    def broken() -> dict[str, object]:
+    def broken(metrics: object) -> dict[str, object]:
         raise RuntimeError("watchdog broke")
 
     page.diagnostics_provider = broken

@@ -2,9 +2,10 @@
 
 * ``POST /signup/{user_id}`` queues ``send_welcome_email`` (async, from the handler),
   ``refresh_recommendations`` (async, from the handler; its 20th call and one in
-  ``BLOCKING_EVERY`` after make a blocking call by mistake and freeze the event loop for
-  0.2 s, which ``bgtask_loop_blocked_seconds_total`` puts on it) and ``write_audit`` (a
-  ``def``, run in the threadpool, queued by the ``audit_trail`` dependency).
+  ``BLOCKING_EVERY`` after (``BGTRACE_DEMO_BLOCKING_EVERY``) make a blocking call by mistake
+  and freeze the event loop for at least 0.2 s, which ``bgtask_loop_blocked_seconds_total``
+  puts on it) and ``write_audit`` (a ``def``, run in the threadpool, queued by the
+  ``audit_trail`` dependency).
 * ``POST /orders/{order_id}/receipt`` queues ``render_receipt``, which raises
   ``ReceiptRenderError`` for about one order in four: which ones is fixed by the order id.
 * ``POST /import?rows=N`` queues ``import_contacts`` *before* checking ``rows``: a too-large
@@ -13,8 +14,10 @@
 * ``POST /reports/{report_id}`` queues ``build_report``, a ``def`` task that runs for seconds:
   long enough to show in ``bgtask_oldest_running_seconds``, and to hold threadpool threads.
 
-Serve it with ``uvicorn bgtrace.demo.app:app``. Spans go to an OTLP/HTTP endpoint when the
-standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``configure_tracing``).
+Serve it with ``uvicorn bgtrace.demo.app:app``. ``BGTRACE_DEMO_THREADS=N`` sets the limit of
+anyio's default threadpool (40) in the lifespan, so that a few reports saturate it and
+``bgtrace_threadpool_waiting`` shows callers waiting for a thread. Spans go to an OTLP/HTTP
+endpoint when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``configure_tracing``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -43,6 +47,11 @@ DEFAULT_SERVICE_NAME = "bgtrace-demo"
 MAX_IMPORT_ROWS = 1000
 RECEIPT_FAILURE_RATE = 0.25
 BLOCKING_EVERY = 200
+BLOCKING_EVERY_ENV = "BGTRACE_DEMO_BLOCKING_EVERY"
+# The block lasts at least this long, whatever the slowness: above the watchdog's default
+# loop_block_threshold (0.1 s), so that it is counted.
+BLOCKING_SECONDS = 0.2
+THREADS_ENV = "BGTRACE_DEMO_THREADS"
 
 OTLP_ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -68,12 +77,20 @@ async def send_welcome_email(user_id: int, address: str) -> None:
 _refreshes = itertools.count(1)
 
 
+def _blocking_every() -> int:
+    try:
+        return max(int(os.environ.get(BLOCKING_EVERY_ENV, BLOCKING_EVERY)), 1)
+    except ValueError:
+        return BLOCKING_EVERY
+
+
 async def refresh_recommendations(user_id: int) -> None:
     await asyncio.sleep(_work(0.005))
-    if next(_refreshes) % BLOCKING_EVERY == 20:
+    every = _blocking_every()
+    if next(_refreshes) % every == 20 % every:
         # The bug the watchdog exists to show: a synchronous client call (here a sleep) in an
         # async task stops the event loop, and every request of this process waits.
-        time.sleep(_work(0.2))
+        time.sleep(max(_work(BLOCKING_SECONDS), BLOCKING_SECONDS))
 
 
 def write_audit(action: str, subject: str) -> None:
@@ -176,11 +193,20 @@ def configure_tracing(*, console: bool = False) -> TracerProvider | None:
     return provider
 
 
+def _limit_threads() -> None:
+    # The default limiter belongs to the running event loop: set in the lifespan, it holds for
+    # every request and def task of this worker.
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = int(threads)
+
+
 @asynccontextmanager
-async def _exporting_spans(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Set up in the lifespan, not at import: each worker process of the server gets its own
     # exporter thread, importing this module for create_app() configures nothing, and
     # shutdown flushes the spans still buffered.
+    _limit_threads()
     provider = configure_tracing()
     try:
         yield
@@ -191,4 +217,4 @@ async def _exporting_spans(app: FastAPI) -> AsyncIterator[None]:
 
 # What `uvicorn bgtrace.demo.app:app` serves. FastAPI builds the middleware (and so the
 # metrics) on the first ASGI call, not here.
-app = _build(_exporting_spans, {})
+app = _build(_lifespan, {})
