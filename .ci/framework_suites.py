@@ -59,7 +59,7 @@ def main(suites: list[str]) -> int:
     install(versions, sources)
     deselected = listed(CI / "framework-suite-deselected.txt")
     allowed = listed(CI / "framework-suite-differences.txt")
-    failed = False
+    same = differ = 0
     for name in suites or SUITES:
         runs = {}
         for mode in ("plain", "bgtrace"):
@@ -67,8 +67,13 @@ def main(suites: list[str]) -> int:
             runs[mode] = run_suite(name, sources[name], mode, deselected)
             counts = summary(runs[mode])
             print(f"{name} {mode}: {counts} in {time.monotonic() - started:.0f} s", flush=True)
-        failed |= not compare(name, runs["plain"], runs["bgtrace"], allowed)
-    return 1 if failed else 0
+        suite_same, suite_differ = compare(name, runs["plain"], runs["bgtrace"], allowed)
+        same += suite_same
+        differ += suite_differ
+    # The closing line CI's log readers know: tests that ended alike (or as listed) in both
+    # runs, and the failures of this check.
+    print(f"frameworks: {same} passed, {differ} failed")
+    return 1 if differ else 0
 
 
 def source_tree(name: str, release: str) -> Path:
@@ -197,12 +202,11 @@ def summary(outcomes: dict[str, str]) -> str:
 
 def compare(
     name: str, plain: dict[str, str], traced: dict[str, str], allowed: dict[str, str]
-) -> bool:
-    ok = True
+) -> tuple[int, int]:
+    """Prints every difference; returns (tests that passed this check, failures)."""
     broken = sorted(n for n, o in plain.items() if o in ("failed", "error", "xpassed"))
     if broken:
         # A test that fails without bgtrace cannot show what bgtrace changes.
-        ok = False
         print(f"{name}: {len(broken)} tests fail WITHOUT bgtrace (deselect them with a reason):")
         for nodeid in broken:
             print(f"  {nodeid}  ({plain[nodeid]})")
@@ -214,16 +218,15 @@ def compare(
         if nodeid in allowed:
             print(f"  listed difference: {nodeid}: {was} -> {now} ({allowed[nodeid]})")
         else:
-            ok = False
             print(f"  DIFFERENCE: {nodeid}: {was} plain, {now} with bgtrace")
     stale = sorted(n for n in allowed if n.startswith(f"{name}::") and n not in differences)
     for nodeid in stale:
         # Fixed (or gone): the line must go, or it would hide the next regression there.
-        ok = False
         print(f"  listed but no longer different (remove it from the list): {nodeid}")
-    unlisted = len([n for n in differences if n not in allowed])
-    print(f"{name}: {len(plain)} tests, {len(differences)} differ ({unlisted} not listed)")
-    return ok
+    unlisted = [n for n in differences if n not in allowed]
+    print(f"{name}: {len(plain)} tests, {len(differences)} differ ({len(unlisted)} not listed)")
+    failures = set(broken) | set(unlisted) | set(stale)
+    return len((plain.keys() | traced.keys()) - failures), len(failures)
 
 
 if __name__ == "__main__":
