@@ -244,15 +244,16 @@ def test_a_running_and_a_queued_task_show_their_age_and_def_tasks_their_thread_w
         post = threading.Thread(target=httpx.post, args=(f"{url}/hold",), kwargs={"timeout": 30})
         post.start()
         try:
-            # One task runs (in a thread: its wait for it recorded), the next waits behind it.
+            # One task runs (in a thread), the next waits behind it.
             wait_for(aged, what="a running and a queued task's ages")
-            assert value(collected(reader), "bgtask_thread_wait") == 1
         finally:
             release.set()
             post.join(timeout=30)
         wait_for(lambda: samples.total("bgtask_completed_total") == 2, what="both tasks")
     metrics = collected(reader)
     assert value(metrics, "bgtask_oldest_running") == value(metrics, "bgtask_oldest_queued") == 0
+    # Each def task's wait for a thread (the second's is new since the last collection: an SDK
+    # before 1.23 leaves unchanged histogram series out, see test_otel_metrics_export).
     [point] = metrics["bgtask_thread_wait"].data.data_points
     assert point.count == samples.total("bgtask_thread_wait_seconds_count") == 2
     assert point.sum == pytest.approx(samples.total("bgtask_thread_wait_seconds_sum"), abs=1e-9)
