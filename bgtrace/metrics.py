@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from . import forks
+from . import forks, logs
 from .accumulators import LocalHistogram, LocalSeries, LoopValues, Threadpool
 from .families import (
     ALL_FAMILIES,
@@ -136,6 +136,9 @@ class TaskMetrics:
         forks.guard(self._lock, forks.VALUES)
         # The event-loop watchdog's values (``watchdog``), updated from its thread.
         self.loop = LoopValues(self._lock)
+        # Told of each heartbeat's lag (otel_metrics' histogram); empty unless OpenTelemetry
+        # metrics are on. A tuple, replaced whole, as inflight's observers.
+        self.lag_observers: tuple[Callable[[float], None], ...] = ()
         if registry is None:
             # Read by OpenTelemetry only (otel_metrics): nothing for prometheus_client.
             pass
@@ -227,6 +230,18 @@ class TaskMetrics:
         self.loop.set_threadpool(loop, threadpool)
         if self._files is not None:
             ensure_flusher()
+        for observer in self.lag_observers:
+            try:
+                observer(lag)
+            except Exception:
+                logs.internal_error("loop lag observer")
+
+    def add_lag_observer(self, observer: Callable[[float], None]) -> None:
+        if observer not in self.lag_observers:
+            self.lag_observers = (*self.lag_observers, observer)
+
+    def remove_lag_observer(self, observer: Callable[[float], None]) -> None:
+        self.lag_observers = tuple(o for o in self.lag_observers if o != observer)
 
     def post_response_for(self, route: str) -> LocalHistogram:
         """The ``bgtask_post_response_seconds`` histogram for ``route``, looked up once."""

@@ -1,9 +1,12 @@
 """bgtrace's task metrics through OpenTelemetry instruments, for a ``meter_provider``.
 
 The counters and gauges are observable instruments read from bgtrace's own values at each
-collection (the numbers ``/metrics`` shows, exact by construction, and nothing per task); the
-histograms are recorded as tasks start and end, by a task observer (``inflight``), and at the
-end of each request's background work (``records.post_response_observers``).
+collection (the numbers ``/metrics`` shows, exact by construction, and nothing per task): the
+task counts, the oldest ages of the tasks in flight (``stuck.oldest_ages``), the watchdog's
+blocked time and threadpool reading. The histograms are recorded as tasks start and end, by a
+task observer (``inflight``), at the end of each request's background work
+(``records.post_response_observers``), and at each watchdog heartbeat
+(``TaskMetrics.lag_observers``).
 
 Names are bgtrace's Prometheus names without the suffixes OpenTelemetry's Prometheus
 translation adds (``_total`` for a monotonic sum, ``_seconds`` for unit ``s``), so that the
@@ -23,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, MeterProvider, Observation
 
-from . import __version__, inflight, records
+from . import __version__, inflight, records, stuck
+from .accumulators import LAG_BUCKETS
 from .families import (
     COMPLETED,
     DROPPED,
@@ -31,9 +35,18 @@ from .families import (
     ENQUEUED,
     FAILURES,
     IN_PROGRESS,
+    LOOP_BLOCKED,
+    LOOP_LAG,
+    OLDEST_QUEUED,
+    OLDEST_RUNNING,
     POST_RESPONSE,
     QUEUE_LENGTH,
     QUEUE_WAIT,
+    THREAD_WAIT,
+    THREADPOOL_BORROWED,
+    THREADPOOL_FAMILIES,
+    THREADPOOL_TOKENS,
+    THREADPOOL_WAITING,
     Family,
     full_name,
 )
@@ -74,11 +87,16 @@ def resolve_provider(meter_provider: MeterProvider | None) -> MeterProvider | No
     return None
 
 
+def unit(family: Family) -> str:
+    return SECONDS if family.name.endswith("_seconds") else COUNT
+
+
 def instrument_name(namespace: str, family: Family) -> str:
     """The OpenTelemetry name of ``family``: its Prometheus name without the suffix the
-    translation adds back (``_seconds`` comes from the unit; counters carry none)."""
+    translation adds back (``_seconds`` comes from the unit; ``_total`` from a counter's
+    monotonic sum, and bgtrace's family names carry none)."""
     name = full_name(namespace, family)
-    if family.type == "histogram":
+    if unit(family) == SECONDS:
         name = name.removesuffix("_seconds")
     if not _INSTRUMENT_NAME.match(name):
         raise ValueError(
@@ -97,14 +115,13 @@ class OtelRecorder:
         namespace = metrics.namespace
         names = {family: instrument_name(namespace, family) for family in _ALL}
         meter = provider.get_meter(SCOPE, __version__)
-        bounds = list(metrics.buckets)
 
-        def histogram(family: Family) -> Histogram:
+        def histogram(family: Family, buckets: Sequence[float] = metrics.buckets) -> Histogram:
             name, help = names[family], family.help
             try:
                 # Explicit bucket advice (opentelemetry-api 1.23+, honoured by the SDK 1.23+).
                 return meter.create_histogram(
-                    name, SECONDS, help, explicit_bucket_boundaries_advisory=bounds
+                    name, SECONDS, help, explicit_bucket_boundaries_advisory=list(buckets)
                 )
             except TypeError:
                 # An older API: the bounds come from a View (the README shows it).
@@ -113,18 +130,30 @@ class OtelRecorder:
         self.duration = histogram(DURATION)
         self.queue_wait = histogram(QUEUE_WAIT)
         self.post_response = histogram(POST_RESPONSE)
+        self.thread_wait = histogram(THREAD_WAIT)
+        self.loop_lag = histogram(LOOP_LAG, LAG_BUCKETS)
         for family, callback in (
             (ENQUEUED, self._enqueued),
             (COMPLETED, self._completed),
             (FAILURES, self._failures),
             (DROPPED, self._dropped),
+            (LOOP_BLOCKED, self._loop_blocked),
         ):
-            meter.create_observable_counter(names[family], [callback], COUNT, family.help)
+            meter.create_observable_counter(names[family], [callback], unit(family), family.help)
         for family, callback in (
             (QUEUE_LENGTH, self._queue_length),
             (IN_PROGRESS, self._in_progress),
         ):
             meter.create_observable_up_down_counter(names[family], [callback], COUNT, family.help)
+        # Values read now, not sums of changes: asynchronous gauges (Prometheus gauges too).
+        for family, callback in (
+            (OLDEST_RUNNING, self._oldest_running),
+            (OLDEST_QUEUED, self._oldest_queued),
+            (THREADPOOL_TOKENS, self._threadpool_tokens),
+            (THREADPOOL_BORROWED, self._threadpool_borrowed),
+            (THREADPOOL_WAITING, self._threadpool_waiting),
+        ):
+            meter.create_observable_gauge(names[family], [callback], unit(family), family.help)
         # The attributes of each series, made once: a histogram record then allocates nothing.
         self._attributes: dict[LocalSeries, dict[str, str]] = {}
         self._routes: dict[str, dict[str, str]] = {}
@@ -136,8 +165,12 @@ class OtelRecorder:
 
     def started(self, record: TaskRecord) -> None:
         if record.config.metrics is self.metrics:
-            wait = record.started_at - record.enqueued_at
-            self.queue_wait.record(wait, self._series_attributes(record.series))
+            attributes = self._series_attributes(record.series)
+            self.queue_wait.record(record.started_at - record.enqueued_at, attributes)
+            if record.claimed_at:
+                # A def task, claimed for a thread: the wait bgtrace's own histogram counts
+                # (records.TaskRecord.start), from the same two times.
+                self.thread_wait.record(record.started_at - record.claimed_at, attributes)
 
     def finished(
         self,
@@ -161,6 +194,9 @@ class OtelRecorder:
             if attributes is None:
                 attributes = self._routes[route] = {"route": metrics.route(route)}
             self.post_response.record(seconds, attributes)
+
+    def loop_lag_observed(self, seconds: float) -> None:
+        self.loop_lag.record(seconds, _NO_ATTRIBUTES)
 
     def _series_attributes(self, series: LocalSeries) -> dict[str, str]:
         attributes = self._attributes.get(series)
@@ -196,25 +232,68 @@ class OtelRecorder:
     def _in_progress(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(s.in_progress, _labels(s)) for s in self._series()]
 
+    def _oldest_running(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._oldest(0)
+
+    def _oldest_queued(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._oldest(1)
+
+    def _oldest(self, index: int) -> list[Observation]:
+        ages = stuck.oldest_ages(self.metrics)
+        # Every series, at 0 when it has no task now, as /metrics writes them: alerts resolve.
+        return [Observation(ages.get(s.labels, _NO_AGE)[index], _labels(s)) for s in self._series()]
+
+    def _loop_blocked(self, options: CallbackOptions) -> Iterable[Observation]:
+        loop = self.metrics.loop  # read each time: a forked child gets new values
+        with loop.lock:
+            blocked = list(loop.blocked.items())
+        return [Observation(seconds, _as_attributes(labels)) for labels, seconds in blocked]
+
+    def _threadpool_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._threadpool(0)
+
+    def _threadpool_borrowed(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._threadpool(1)
+
+    def _threadpool_waiting(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._threadpool(2)
+
+    def _threadpool(self, index: int) -> list[Observation]:
+        """(tokens, borrowed, waiting)[index], summed over the watched loops; 0 before the
+        first reading, as /metrics writes it."""
+        loop = self.metrics.loop
+        with loop.lock:
+            reading = loop.threadpool()
+        return [Observation(reading[index], _NO_ATTRIBUTES)]
+
     # --- switched on and off (the benchmark interleaves variants) -------------------------
 
     def start(self) -> None:
         inflight.add_observer(self)
         records.add_post_response_observer(self.post_response_ended)
+        self.metrics.add_lag_observer(self.loop_lag_observed)
 
     def stop(self) -> None:
         inflight.remove_observer(self)
         records.remove_post_response_observer(self.post_response_ended)
+        self.metrics.remove_lag_observer(self.loop_lag_observed)
 
 
 _ALL = (
     ENQUEUED, COMPLETED, FAILURES, DROPPED, DURATION, QUEUE_WAIT, QUEUE_LENGTH, IN_PROGRESS,
-    POST_RESPONSE,
+    POST_RESPONSE, OLDEST_RUNNING, OLDEST_QUEUED, THREAD_WAIT, LOOP_BLOCKED, LOOP_LAG,
+    *THREADPOOL_FAMILIES,
 )  # fmt: skip
+_NO_AGE = (0.0, 0.0)
+_NO_ATTRIBUTES: dict[str, str] = {}
 
 
 def _labels(series: LocalSeries) -> dict[str, str]:
-    task, origin, route = series.labels
+    return _as_attributes(series.labels)
+
+
+def _as_attributes(labels: tuple[str, str, str]) -> dict[str, str]:
+    task, origin, route = labels
     return {"task": task, "origin": origin, "route": route}
 
 

@@ -5,9 +5,11 @@ test_otel_metrics_export.py."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import metrics as otel_api
@@ -15,20 +17,28 @@ from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Gauge,
     HistogramDataPoint,
     InMemoryMetricReader,
+    Sum,
 )
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
 from starlette.testclient import TestClient
 
 from bgtrace import BackgroundTaskMiddleware, inflight, otel_metrics, records
+from bgtrace.accumulators import LAG_BUCKETS
 from bgtrace.metrics import DEFAULT_BUCKETS
 from tests import apps
 from tests.conftest import Samples
+from tests.servers import serve_in_thread, wait_for
 
 TASK_ATTRIBUTES = {"task", "origin", "route"}
 # OpenTelemetry name -> (Prometheus name after the standard translation, kind, attributes).
+# Kinds: "counter" (monotonic sum), "updown" (non-monotonic sum: a Prometheus gauge), "gauge"
+# (an asynchronous gauge: a value read now), "histogram".
 EXPECTED = {
     "bgtask_enqueued": ("bgtask_enqueued_total", "counter", TASK_ATTRIBUTES),
     "bgtask_completed": ("bgtask_completed_total", "counter", TASK_ATTRIBUTES | {"outcome"}),
@@ -36,10 +46,36 @@ EXPECTED = {
     "bgtask_dropped": ("bgtask_dropped_total", "counter", TASK_ATTRIBUTES | {"reason"}),
     "bgtask_duration": ("bgtask_duration_seconds", "histogram", TASK_ATTRIBUTES),
     "bgtask_queue_wait": ("bgtask_queue_wait_seconds", "histogram", TASK_ATTRIBUTES),
-    "bgtask_queue_length": ("bgtask_queue_length", "gauge", TASK_ATTRIBUTES),
-    "bgtask_in_progress": ("bgtask_in_progress", "gauge", TASK_ATTRIBUTES),
+    "bgtask_queue_length": ("bgtask_queue_length", "updown", TASK_ATTRIBUTES),
+    "bgtask_in_progress": ("bgtask_in_progress", "updown", TASK_ATTRIBUTES),
     "bgtask_post_response": ("bgtask_post_response_seconds", "histogram", {"route"}),
+    "bgtask_oldest_running": ("bgtask_oldest_running_seconds", "gauge", TASK_ATTRIBUTES),
+    "bgtask_oldest_queued": ("bgtask_oldest_queued_seconds", "gauge", TASK_ATTRIBUTES),
+    "bgtask_thread_wait": ("bgtask_thread_wait_seconds", "histogram", TASK_ATTRIBUTES),
+    "bgtask_loop_blocked": ("bgtask_loop_blocked_seconds_total", "counter", TASK_ATTRIBUTES),
+    "bgtrace_event_loop_lag": ("bgtrace_event_loop_lag_seconds", "histogram", set()),
+    "bgtrace_threadpool_tokens": ("bgtrace_threadpool_tokens", "gauge", set()),
+    "bgtrace_threadpool_borrowed": ("bgtrace_threadpool_borrowed", "gauge", set()),
+    "bgtrace_threadpool_waiting": ("bgtrace_threadpool_waiting", "gauge", set()),
 }
+# The event-loop watchdog's: they have points only once it measured something (a heartbeat
+# late or not, a block), and move on their own between two reads.
+WATCHDOG = {
+    "bgtask_loop_blocked", "bgtrace_event_loop_lag", "bgtrace_threadpool_tokens",
+    "bgtrace_threadpool_borrowed", "bgtrace_threadpool_waiting",
+}  # fmt: skip
+
+
+def translated(name: str, unit: str, kind: str) -> str:
+    """OpenTelemetry's Prometheus name for an instrument (the specification's rules: the
+    unit's suffix unless the name has it, then ``_total`` for a monotonic sum)."""
+    if unit == "s" and not name.endswith("_seconds"):
+        name += "_seconds"
+    return f"{name}_total" if kind == "counter" else name
+
+
+def unit_of(prometheus_name: str) -> str:
+    return "s" if prometheus_name.removesuffix("_total").endswith("_seconds") else ""
 
 
 @pytest.fixture
@@ -120,23 +156,107 @@ def test_every_metric_reaches_the_meter_provider_named_to_translate_to_bgtraces_
     )
     traffic(client)
     metrics = collected(reader)
-    assert set(metrics) == set(EXPECTED)
+    assert set(EXPECTED) - WATCHDOG <= set(metrics) <= set(EXPECTED)
     for name, metric in metrics.items():
-        prometheus_name, kind, attributes = EXPECTED[name]
-        data = metric.data
-        assert metric.unit == ("s" if kind == "histogram" else ""), name
-        assert metric.description, name
+        check_instrument(name, metric)
+
+
+def check_instrument(name: str, metric: Any) -> None:
+    prometheus_name, kind, attributes = EXPECTED[name]
+    data = metric.data
+    assert metric.unit == unit_of(prometheus_name), name
+    assert translated(name, metric.unit, kind) == prometheus_name
+    assert metric.description, name
+    assert isinstance(data, KINDS[kind]), name
+    if kind != "gauge":
         assert data.aggregation_temporality == AggregationTemporality.CUMULATIVE, name
-        if kind == "counter":
-            assert data.is_monotonic, name  # a monotonic sum: "_total" in Prometheus
-        if kind == "gauge":
-            assert not data.is_monotonic, name  # an up-down counter: a Prometheus gauge
-        if kind == "histogram":
-            assert prometheus_name == f"{name}_seconds"
-        else:
-            assert prometheus_name.removesuffix("_total") == name
-        for point in data.data_points:
-            assert set(point.attributes) == attributes, name
+    if kind in ("counter", "updown"):
+        # A monotonic sum: "_total" in Prometheus; an up-down counter: a Prometheus gauge.
+        assert data.is_monotonic == (kind == "counter"), name
+    for point in data.data_points:
+        assert set(point.attributes) == attributes, name
+
+
+KINDS = {"counter": Sum, "updown": Sum, "gauge": Gauge, "histogram": HistogramData}
+
+
+def test_the_watchdogs_values_reach_the_meter_provider_as_metrics_shows_them(
+    registry: CollectorRegistry,
+    samples: Samples,
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+) -> None:
+    # Fed as the watchdog feeds them (test_watchdog shows where they come from), to a set no
+    # watchdog watches (no request served), so that both readings see the same values.
+    BackgroundTaskMiddleware(apps.tutorial_app(), registry=registry, meter_provider=meter_provider)
+    [recorder] = otel_metrics._recorders.values()
+    recorder.metrics.loop_blocked("tests.apps.write_log", "handler", "/x", 0.25)
+    recorder.metrics.loop_blocked("tests.apps.write_log", "handler", "/x", 0.5)
+    recorder.metrics.loop_blocked("none", "other", "/y", 0.125)
+    lags = (0.0005, 0.003, 0.7, 12.0)
+    for lag in lags:
+        recorder.metrics.loop_heartbeat(1, lag, (40.0, 3.0, 2.0))
+    metrics = collected(reader)
+    assert set(metrics) >= WATCHDOG
+    for name in WATCHDOG:
+        check_instrument(name, metrics[name])
+    assert value(metrics, "bgtask_loop_blocked", task="tests.apps.write_log") == 0.75
+    assert value(metrics, "bgtask_loop_blocked", task="none", route="/y") == 0.125
+    assert samples.total("bgtask_loop_blocked_seconds_total") == 0.875
+    [lag] = metrics["bgtrace_event_loop_lag"].data.data_points
+    assert lag.count == 4 and lag.sum == sum(lags)
+    if _advice_supported():
+        assert tuple(lag.explicit_bounds) == LAG_BUCKETS
+        assert list(lag.bucket_counts) == [
+            samples.total("bgtrace_event_loop_lag_seconds_bucket", le=le)
+            - samples.total("bgtrace_event_loop_lag_seconds_bucket", le=below)
+            for below, le in zip(["0", *LES], [*LES, "+Inf"], strict=True)
+        ]
+    for gauge, expected in (("tokens", 40), ("borrowed", 3), ("waiting", 2)):
+        assert value(metrics, f"bgtrace_threadpool_{gauge}") == expected
+        assert samples.total(f"bgtrace_threadpool_{gauge}") == expected
+
+
+LES = [floatToGoString(b) for b in LAG_BUCKETS]
+
+
+def test_a_running_and_a_queued_task_show_their_age_and_def_tasks_their_thread_wait(
+    registry: CollectorRegistry,
+    samples: Samples,
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+) -> None:
+    release = threading.Event()
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, meter_provider=meter_provider)
+
+    @app.post("/hold")
+    async def hold(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(release.wait, 30)
+        background_tasks.add_task(release.wait, 30)
+
+    def aged() -> bool:
+        metrics = collected(reader)
+        running = value(metrics, "bgtask_oldest_running")
+        return running >= 0.2 and value(metrics, "bgtask_oldest_queued") >= running
+
+    with serve_in_thread(app) as url:
+        post = threading.Thread(target=httpx.post, args=(f"{url}/hold",), kwargs={"timeout": 30})
+        post.start()
+        try:
+            # One task runs (in a thread), the next waits behind it.
+            wait_for(aged, what="a running and a queued task's ages")
+        finally:
+            release.set()
+            post.join(timeout=30)
+        wait_for(lambda: samples.total("bgtask_completed_total") == 2, what="both tasks")
+    metrics = collected(reader)
+    assert value(metrics, "bgtask_oldest_running") == value(metrics, "bgtask_oldest_queued") == 0
+    # Each def task's wait for a thread (the second's is new since the last collection: an SDK
+    # before 1.23 leaves unchanged histogram series out, see test_otel_metrics_export).
+    [point] = metrics["bgtask_thread_wait"].data.data_points
+    assert point.count == samples.total("bgtask_thread_wait_seconds_count") == 2
+    assert point.sum == pytest.approx(samples.total("bgtask_thread_wait_seconds_sum"), abs=1e-9)
 
 
 def test_opentelemetry_counts_are_the_ones_metrics_shows_and_every_task_ends_once(
@@ -151,6 +271,8 @@ def test_opentelemetry_counts_are_the_ones_metrics_shows_and_every_task_ends_onc
     traffic(client)
     metrics = collected(reader)
     for name, (prometheus_name, kind, _) in EXPECTED.items():
+        if name in WATCHDOG:
+            continue  # see test_the_watchdogs_values_reach_the_meter_provider_as_metrics_...
         sample = f"{prometheus_name}_count" if kind == "histogram" else prometheus_name
         assert value(metrics, name) == samples.total(sample), name
     enqueued = value(metrics, "bgtask_enqueued")
