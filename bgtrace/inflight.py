@@ -9,6 +9,7 @@ per step.
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import logs
@@ -61,19 +62,24 @@ class TaskObserver(Protocol):
     def dropped(self, record: TaskRecord, reason: str) -> None: ...
 
 
-# A tuple, replaced whole: the task path iterates it without a lock.
+# A tuple, replaced whole: the task path iterates it without a lock. Writers take the lock:
+# two threads replacing it at once (the watchdog joins and leaves at each loop block) would
+# each drop the other's change.
 observers: tuple[TaskObserver, ...] = ()
+_observers_lock = threading.Lock()
 
 
 def add_observer(observer: TaskObserver) -> None:
     global observers
-    if observer not in observers:
-        observers = (*observers, observer)
+    with _observers_lock:
+        if observer not in observers:
+            observers = (*observers, observer)
 
 
 def remove_observer(observer: TaskObserver) -> None:
     global observers
-    observers = tuple(o for o in observers if o is not observer)
+    with _observers_lock:
+        observers = tuple(o for o in observers if o is not observer)
 
 
 def observer_failed(step: str) -> None:
@@ -82,7 +88,9 @@ def observer_failed(step: str) -> None:
 
 def _forget_in_child() -> None:
     # A forked child runs none of its parent's tasks: they are the parent's to end.
+    global _observers_lock
     _tasks.clear()
+    _observers_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -158,7 +158,12 @@ class BackgroundTaskMiddleware:
             raised = exc
             raise
         finally:
-            current.reset(token)
+            try:
+                current.reset(token)
+            except ValueError:
+                # Closed by the collector in another context (its loop was closed without
+                # cancelling it): that context's variable is not ours to reset.
+                pass
             finish_request(state, raised)
             if request_span is not None:
                 if state.response_done_at is None:

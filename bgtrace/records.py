@@ -61,11 +61,14 @@ NOT_ATTACHED = "not_attached"
 
 
 def is_cancellation(exc: BaseException) -> bool:
-    """Whether ``exc`` is the event loop's cancellation: asyncio's, or trio's under anyio's
+    """Whether ``exc`` is the event loop's cancellation: asyncio's (or a coroutine closed
+    unfinished), or trio's under anyio's
     trio backend. Decided by the exception alone, not by asking anyio for the running
     backend: a def task ends in a worker thread, where no backend runs. trio is looked up
     among the imported modules, never imported: an app running on trio imported it."""
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        # GeneratorExit: the coroutine was closed unfinished (a loop closed without
+        # cancelling its tasks, then the collector): stopped from outside, not failed.
         return True
     trio = sys.modules.get("trio")
     cancelled = getattr(trio, "Cancelled", None)

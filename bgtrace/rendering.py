@@ -59,9 +59,17 @@ async def rendered(key: Hashable, work: Callable[[], T]) -> T:
     event = anyio.Event()
     job: _Render[T] = _submit(key, work, _waker(event))
     await event.wait()
-    if job.error is not None:
-        raise job.error
-    return job.result  # type: ignore[return-value]
+    result, error = job.result, job.error
+    del job
+    if error is not None:
+        # A new exception for each waiter: raising the shared one in every scrape that
+        # waited would add each one's frames to its traceback, and tie them in a cycle.
+        raise RenderFailed(type(error).__qualname__) from error
+    return result  # type: ignore[return-value]
+
+
+class RenderFailed(Exception):
+    """The render this scrape waited for raised (the cause)."""
 
 
 def _waker(event: anyio.Event) -> Callable[[], None]:

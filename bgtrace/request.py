@@ -6,6 +6,7 @@ queued anywhere inside the request (handler, dependency, threadpool, helper) fin
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -105,6 +106,8 @@ def forget(state: RequestState) -> None:
 # The requests being served now, by the id of the middleware frame that serves each (alive
 # while it is listed, so no other object has its id). One insert and one delete per request.
 live: dict[int, RequestState] = {}
+# A forked child serves none of its parent's requests.
+os.register_at_fork(after_in_child=live.clear)
 
 
 current: ContextVar[RequestState | None] = ContextVar("bgtrace_request", default=None)

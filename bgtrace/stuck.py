@@ -83,10 +83,12 @@ _lock = threading.Lock()
 def watch(config: Config, stuck_after: float | None) -> None:
     """Check ``config``'s tasks against ``stuck_after`` (``None``: never), and name running
     tasks at a server's graceful shutdown. Called when a middleware is made."""
-    global _default_after
+    global _default_after, _checker_wanted
     with _lock:
         _after[config] = stuck_after
         _default_after = stuck_after
+        _checker_wanted = _checker_wanted or stuck_after is not None
+    # Also with stuck_after=None: the shutdown report names where async tasks wait.
     inflight.add_observer(_OBSERVER)
     _install_shutdown_hook()
 
@@ -108,9 +110,12 @@ def _interval() -> float:
 
 # --- which asyncio Task runs an async task -------------------------------------------------
 
-# Running records of async tasks -> the asyncio Task running them; a def task running in a
-# worker thread has none (its thread's stack is read instead). Emptied as tasks end.
-_coroutines: dict[TaskRecord, asyncio.Task[Any]] = {}
+# Running records of async tasks -> a weak reference to the asyncio Task running them, or
+# None where none is known (trio); a def task running in a worker thread has no entry (its
+# thread's stack is read instead). Weak: a loop closed without cancelling its tasks lets the
+# collector close the coroutine, which ends the record; a strong one would keep the task, its
+# frames and its arguments for ever. Emptied as tasks end.
+_coroutines: dict[TaskRecord, weakref.ref[asyncio.Task[Any]] | None] = {}
 
 
 class _Observer:
@@ -118,12 +123,12 @@ class _Observer:
         pass
 
     def started(self, record: TaskRecord) -> None:
-        loop = asyncio._get_running_loop()
-        if loop is not None:
-            current = asyncio.current_task(loop)
-            if current is not None:
-                _coroutines[record] = current
-        if _checker is None:
+        if not record.claimed_at:
+            # An async task, started on its event loop's thread.
+            loop = asyncio._get_running_loop()
+            current = asyncio.current_task(loop) if loop is not None else None
+            _coroutines[record] = weakref.ref(current) if current is not None else None
+        if _checker is None and _checker_wanted:
             _start_checker()
 
     def finished(
@@ -146,6 +151,8 @@ _OBSERVER = _Observer()
 # --- the checker thread --------------------------------------------------------------------
 
 _checker: threading.Thread | None = None
+# Whether any middleware asked for a stuck_after: read without the lock on every task start.
+_checker_wanted = False
 # Set at interpreter exit: the thread ends before the modules it uses are torn down.
 _stop = threading.Event()
 _reported: weakref.WeakSet[TaskRecord] = weakref.WeakSet()
@@ -230,8 +237,13 @@ def report_running(lead: str = AT_SHUTDOWN) -> None:
 def location(record: TaskRecord) -> str:
     """The innermost frames of the task, innermost first: ``file:line in function <- ...``."""
     try:
-        task = _coroutines.get(record)
-        if task is not None:
+        if record in _coroutines:
+            # An async task: where its coroutine is suspended, never the loop thread's stack
+            # (that shows whatever runs on the loop now).
+            ref = _coroutines.get(record)
+            task = ref() if ref is not None else None
+            if task is None:
+                return UNKNOWN
             frames = _coroutine_frames(task.get_coro())
         else:
             frames = _thread_frames(record.thread)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -11,10 +14,15 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from bgtrace import BackgroundTaskMiddleware, inflight
-from bgtrace.records import TaskRecord
+from bgtrace.records import RUNNING, TaskRecord
 from tests import apps
+from tests.asgi import call
 from tests.conftest import Samples
 
 
@@ -122,3 +130,60 @@ def test_broken_observer_never_reaches_the_app(
     assert len(apps.done) == 2
     assert samples.total("bgtask_completed_total", outcome="success") == 2
     assert any("task observer" in r.getMessage() for r in caplog.records)
+
+
+def test_observers_joining_and_leaving_in_two_threads_lose_none() -> None:
+    """Regression: the watchdog joins and leaves at each loop block while a middleware or the
+    bgtasks fixture joins on another thread; an unlocked replace of the tuple dropped one."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    lost = 0
+    try:
+        for _ in range(100):
+            stop = threading.Event()
+            churning, mine = Steps(), Steps()
+
+            def churn(observer: Steps = churning, done: threading.Event = stop) -> None:
+                while not done.is_set():
+                    inflight.add_observer(observer)
+                    inflight.remove_observer(observer)
+
+            thread = threading.Thread(target=churn)
+            thread.start()
+            inflight.add_observer(mine)
+            stop.set()
+            thread.join(10)
+            lost += mine not in inflight.observers
+            inflight.remove_observer(mine)
+    finally:
+        sys.setswitchinterval(switch)
+    assert lost == 0
+
+
+def test_task_of_a_loop_closed_without_cancelling_it_ends_and_leaves_nothing(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression: a strong reference to the asyncio Task (kept to say where a stuck task
+    waits) kept an abandoned task, its frames and its arguments, and its record in flight for
+    ever. The collector closes the coroutine: the task ends, counted cancelled."""
+
+    async def hang(secret: str) -> None:
+        await asyncio.Event().wait()
+
+    async def endpoint(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(hang, "s3cret"))
+
+    app = BackgroundTaskMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=registry, loop_block_threshold=None
+    )
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # "Task was destroyed but pending"
+    task = loop.create_task(call(app, "/", method="GET"))
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert [r.status for r in inflight.snapshot()] == [RUNNING]
+    loop.close()
+    del task, loop
+    gc.collect()
+    assert inflight.snapshot() == []
+    assert samples.total("bgtask_completed_total", outcome="cancelled") == 1
+    assert samples.total("bgtask_in_progress") == 0
