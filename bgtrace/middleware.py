@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -158,12 +159,10 @@ class BackgroundTaskMiddleware:
             raised = exc
             raise
         finally:
-            try:
+            # Closed by the collector in another context (its loop was closed without
+            # cancelling it): that context's variable is not ours to reset.
+            with contextlib.suppress(ValueError):
                 current.reset(token)
-            except ValueError:
-                # Closed by the collector in another context (its loop was closed without
-                # cancelling it): that context's variable is not ours to reset.
-                pass
             finish_request(state, raised)
             if request_span is not None:
                 if state.response_done_at is None:
