@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from . import logs
 
@@ -36,18 +36,20 @@ def snapshot() -> list[TaskRecord]:
     return list(_tasks)
 
 
-class TaskObserver(Protocol):
+class TaskObserver:
     """Told of every step of every task of this process, after bgtrace counted it.
 
     Called on the thread where the step happens (a ``def`` task starts and ends in its worker
     thread), outside bgtrace's locks. An observer that raises is logged once per step and never
-    reaches the app or the task.
+    reaches the app or the task. Each step does nothing here: an observer overrides the steps
+    it needs.
     """
 
     def queued(self, record: TaskRecord, task: Any) -> None:
         """``task`` is the ``BackgroundTask`` (its ``func``, ``args``, ``kwargs``)."""
 
-    def started(self, record: TaskRecord) -> None: ...
+    def started(self, record: TaskRecord) -> None:
+        pass
 
     def finished(
         self,
@@ -59,7 +61,8 @@ class TaskObserver(Protocol):
     ) -> None:
         """``error_type``: the exception's name as bgtrace reports it (not capped)."""
 
-    def dropped(self, record: TaskRecord, reason: str) -> None: ...
+    def dropped(self, record: TaskRecord, reason: str) -> None:
+        pass
 
 
 # A tuple, replaced whole: the task path iterates it without a lock. Writers take the lock:

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, MeterProvider, Observation
@@ -106,7 +106,7 @@ def instrument_name(namespace: str, family: Family) -> str:
     return name
 
 
-class OtelRecorder:
+class OtelRecorder(inflight.TaskObserver):
     """One metrics set recorded into one meter provider (shared, see ``recorder_for``)."""
 
     def __init__(self, metrics: TaskMetrics, provider: MeterProvider) -> None:
@@ -160,9 +160,6 @@ class OtelRecorder:
 
     # --- histograms, as tasks move (a TaskObserver) ---------------------------------------
 
-    def queued(self, record: TaskRecord, task: Any) -> None:
-        pass
-
     def started(self, record: TaskRecord) -> None:
         if record.config.metrics is self.metrics:
             attributes = self._series_attributes(record.series)
@@ -184,9 +181,6 @@ class OtelRecorder:
             # Recorded while the task's span is still current: an SDK with exemplars on links
             # the duration to the task's trace, as /metrics does.
             self.duration.record(elapsed, self._series_attributes(record.series))
-
-    def dropped(self, record: TaskRecord, reason: str) -> None:
-        pass
 
     def post_response_ended(self, metrics: TaskMetrics, route: str, seconds: float) -> None:
         if metrics is self.metrics:

@@ -43,18 +43,12 @@ DiagnosticsProvider = Callable[[TaskMetrics], Mapping[str, object] | None]
 diagnostics_provider: DiagnosticsProvider | None = watchdog.diagnostics
 
 
-class RecentEnds:
+class RecentEnds(inflight.TaskObserver):
     """The task observer behind the page: the last failures and drops of this process."""
 
     def __init__(self) -> None:
         self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
         self.drops: deque[dict[str, Any]] = deque(maxlen=RECENT_DROPS)
-
-    def queued(self, record: TaskRecord, task: Any) -> None:
-        pass
-
-    def started(self, record: TaskRecord) -> None:
-        pass
 
     def finished(
         self,

@@ -118,10 +118,7 @@ def _interval() -> float:
 _coroutines: dict[TaskRecord, weakref.ref[asyncio.Task[Any]] | None] = {}
 
 
-class _Observer:
-    def queued(self, record: TaskRecord, task: Any) -> None:
-        pass
-
+class _Observer(inflight.TaskObserver):
     def started(self, record: TaskRecord) -> None:
         if not record.claimed_at:
             # An async task, started on its event loop's thread.
@@ -140,9 +137,6 @@ class _Observer:
         exc: BaseException | None,
     ) -> None:
         _coroutines.pop(record, None)
-
-    def dropped(self, record: TaskRecord, reason: str) -> None:
-        pass
 
 
 _OBSERVER = _Observer()

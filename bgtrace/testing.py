@@ -99,7 +99,7 @@ class RecordedTask:
         return f"{self.call_text()}  origin={self.origin} route={self.route}  {end}"
 
 
-class _Log:
+class _Log(inflight.TaskObserver):
     """The observer bgtrace tells of each step (on the thread where the step happens)."""
 
     def __init__(self) -> None:

@@ -485,20 +485,11 @@ def format_place(place: Location | None) -> str:
 # --- one block ---------------------------------------------------------------------------------
 
 
-class _TaskEnds:
+class _TaskEnds(inflight.TaskObserver):
     """Told of task steps while a task blocks the loop (an ``inflight.TaskObserver``)."""
 
     def __init__(self, watch: _Watch) -> None:
         self.watch = watch
-
-    def queued(self, record: TaskRecord, task: Any) -> None:
-        pass
-
-    def started(self, record: TaskRecord) -> None:
-        pass
-
-    def dropped(self, record: TaskRecord, reason: str) -> None:
-        pass
 
     def finished(
         self,
