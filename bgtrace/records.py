@@ -28,7 +28,7 @@ from .config import Config, default_config
 from .metrics import Series
 from .naming import error_type, task_names
 from .origin import DEPENDENCY, OTHER, detect
-from .request import RequestState, current, forget
+from .request import ENDED, RequestState, current, forget
 from .routes import NO_ROUTE
 from .spans import (
     ATTR_DEPENDENCY,
@@ -451,8 +451,15 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
     """At the end of a request: count its never-started tasks as dropped, time the tail."""
     state.closed = True
     forget(state)
-    if not state.records and not state.background_ran:
-        return
+    if state.records or state.background_ran:
+        _end_tasks(state, exc)
+    try:
+        state.release()
+    except Exception:
+        logs.internal_error("request end")
+
+
+def _end_tasks(state: RequestState, exc: BaseException | None) -> None:
     try:
         end = perf_counter()
         reason = None
@@ -460,7 +467,7 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
             if record.status in (QUEUED, CLAIMED):
                 reason = reason or _drop_reason(state, exc)
                 record.drop(reason)
-        state.records = []  # all ended: nothing to keep alive with the state
+        state.records = ENDED  # all ended: nothing to keep alive with the state
         if state.response_done_at is not None:
             route, seconds = state.route()[0], end - state.response_done_at
             state.config.metrics.post_response_for(route).observe(seconds)

@@ -84,6 +84,21 @@ class RequestState:
         scope["root_path"] = self.root_path
         return scope
 
+    def release(self) -> None:
+        """The request is over: keep only what a later task of this request asks for (the
+        route template), not the scope. Copies of the request's context (every handle the
+        event loop queued during the request holds one) keep this state alive a while longer;
+        holding the scope would keep everything the app put in it (FastAPI's exit stacks, the
+        request's objects) alive with them, enough per request at a server's usual concurrency
+        to wake the cyclic collector, whose full collections are the latency tail."""
+        scope = self.live_scope
+        if self._route is None and ("route" in scope or "fastapi" in scope):
+            self.route()  # routed but no task asked yet: memoised from the scope now
+        self.live_scope = _RELEASED
+        self.records = ENDED
+        self.router_app = None
+        self.on_response_sent = None
+
     def route(self) -> Resolved:
         found = self._route
         if found is None:
@@ -102,6 +117,12 @@ def forget(state: RequestState) -> None:
     """The request is over: nothing blocks on its behalf any more."""
     live.pop(state.frame_id, None)
 
+
+# The records of a request that is over: one shared empty list, never appended to (only a
+# request not yet closed takes records), so that an ended request allocates none.
+ENDED: list[TaskRecord] = []
+# What a released state reads as its scope: nothing to route on (its route is memoised).
+_RELEASED: Scope = {}
 
 # The requests being served now, by the id of the middleware frame that serves each (alive
 # while it is listed, so no other object has its id). One insert and one delete per request.
