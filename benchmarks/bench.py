@@ -255,8 +255,19 @@ def server_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
             "cpu_us": statistics.median(cpu) if cpu else None,
             "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
             "tasks_per_request": statistics.median(tasks) if tasks else None,
+            **{key: _median_of(mine, key) for key in GC_KEYS},
         })  # fmt: skip
     return summary
+
+
+# The collector's pauses per run (live_server.Run): full collections per 10k requests, total
+# pause per 1k requests, longest pause.
+GC_KEYS = ("gc_full_per_10k", "gc_pause_ms_per_1k", "gc_longest_ms")
+
+
+def _median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 # --- targets -------------------------------------------------------------------------------
@@ -433,7 +444,7 @@ def _in_process_md(rows_by_shape: dict[str, list[dict[str, Any]]], s: Settings) 
 
 
 RUN_HEADER = ["round", "variant", "requests/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-              "server CPU us", "requests"]  # fmt: skip
+              "server CPU us", "requests", "full GCs per 10k"]  # fmt: skip
 
 
 def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
@@ -448,11 +459,16 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
         "(all threads) during the measured run, per request answered; unlike requests/s it "
         "barely moves when other processes compete for the CPUs. *tasks/request*: bgtrace's own "
         "`bgtask_completed_total` over requests sent (a little over 2: requests in flight when "
-        "the load stops ran their tasks but are not counted)."
+        "the load stops ran their tasks but are not counted). *GC*: the cyclic garbage "
+        "collector in the server during the measured run (`gc.callbacks`, "
+        "`benchmarks/collector.py`): a full collection walks every object of the process and "
+        "stops every request for its length, so these columns explain the p99 and p99.9 "
+        "columns; medians over rounds."
     )
     header = ["variant", "runs", "requests/s (median)", "vs bare", "p50 ms", "p90 ms", "p99 ms",
               "p99 vs bare", "p99.9 ms", "server CPU us/request", "vs bare", "errors",
-              "tasks/request"]  # fmt: skip
+              "tasks/request", "full GCs per 10k requests", "GC pause ms per 1k requests",
+              "longest GC pause ms"]  # fmt: skip
     summary = [
         [
             r["variant"],
@@ -468,12 +484,16 @@ def _server_md(data: dict[str, Any], s: Settings, uvicorn: str) -> list[str]:
             _f(r["cpu_ratio"], 3),
             r["errors"],
             _f(r["tasks_per_request"], 3),
+            _f(r["gc_full_per_10k"], 2),
+            _f(r["gc_pause_ms_per_1k"], 2),
+            _f(r["gc_longest_ms"]),
         ]
         for r in server_summary(data)
     ]
     runs = [
         [r["round"], r["variant"], _f(r["rps"], 0), _f(r["p50_ms"], 2), _f(r["p90_ms"], 2),
-         _f(r["p99_ms"], 2), _f(r["p999_ms"], 2), _f(r["server_cpu_us"]), r["requests"]]
+         _f(r["p99_ms"], 2), _f(r["p999_ms"], 2), _f(r["server_cpu_us"]), r["requests"],
+         _f(r.get("gc_full_per_10k"), 2)]
         for r in data["runs"]
     ]  # fmt: skip
     return [

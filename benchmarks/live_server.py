@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import collector
 from variants import PATH, QUERY
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,11 @@ class Run:
     # The server process's own CPU (all threads) per request answered: unlike requests/s, it
     # does not move when something else on the machine competes for the CPUs.
     server_cpu_us: float | None
+    # The cyclic collector during the measured run (see collector.py): full collections per
+    # 10,000 requests, all its pauses' total per 1,000 requests, its longest pause.
+    gc_full_per_10k: float | None = None
+    gc_pause_ms_per_1k: float | None = None
+    gc_longest_ms: float | None = None
 
 
 def wrk_available() -> bool:
@@ -71,9 +77,10 @@ def _pin(cpu: int) -> list[str]:
     return []
 
 
-def _start(variant: str, port: int) -> subprocess.Popen[bytes]:
+def _start(variant: str, port: int, gc_stats: str = "") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "BENCH_GC_STATS": gc_stats,
         "BENCH_VARIANT": variant,
         "BENCH_SHAPE": "async",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
@@ -208,16 +215,19 @@ def run_once(
     variant: str, round_: int, script: str, duration: float, warmup: float, connections: int
 ) -> Run:
     port = _free_port()
-    server = _start(variant, port)
+    gc_stats = str(Path(script).with_name(f"gc-{variant}-{round_}.json"))
+    server = _start(variant, port, gc_stats)
     try:
         _wait_ready(port, server)
         warm = _load(port, script, warmup, connections)
+        os.kill(server.pid, signal.SIGUSR1)  # the collector's counts start now
         cpu_before = _cpu_seconds(server.pid)
         result = _load(port, script, duration, connections)
         cpu_after = _cpu_seconds(server.pid)
         cpu_us = None
         if cpu_before is not None and cpu_after is not None and result["requests"]:
             cpu_us = (cpu_after - cpu_before) / result["requests"] * 1e6
+        pauses = collector.read(server.pid, gc_stats)
         tasks = None
         if "bgtrace" in variant:
             completed = _tasks_completed(port)
@@ -226,9 +236,14 @@ def run_once(
             tasks = None if completed is None else completed / sent
     finally:
         _stop(server)
-    return Run(variant, round_, result["rps"], result["p50_ms"], result["p90_ms"],
-               result["p99_ms"], result["p999_ms"], result["requests"], result["errors"], tasks,
-               cpu_us)  # fmt: skip
+    run = Run(variant, round_, result["rps"], result["p50_ms"], result["p90_ms"],
+              result["p99_ms"], result["p999_ms"], result["requests"], result["errors"], tasks,
+              cpu_us)  # fmt: skip
+    if pauses is not None and result["requests"]:
+        run.gc_full_per_10k = pauses["full_collections"] / result["requests"] * 1e4
+        run.gc_pause_ms_per_1k = pauses["pause_ms"] / result["requests"] * 1e3
+        run.gc_longest_ms = pauses["longest_ms"]
+    return run
 
 
 def measure(

@@ -347,6 +347,9 @@ class _SpanFloor:
             span.end()
 
 
+_NO_SCOPE: dict[str, Any] = {}
+
+
 class _CountFloor:
     """The least a tool that counts tasks per (task, route, caller) must do, and nothing else:
     a pure ASGI middleware (a request state in a context variable, a send wrapper that sees
@@ -380,6 +383,9 @@ class _CountFloor:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.state.reset(token)
+            # Copies of the request's context (uvicorn's keep-alive timer) outlive it: holding
+            # the scope there keeps the app's request objects alive, as bgtrace's state did.
+            state[0] = _NO_SCOPE
 
     @staticmethod
     def patched_init(task: Any, func: Any, *args: Any, **kwargs: Any) -> None:
@@ -510,4 +516,7 @@ def server_app() -> Any:
 
         trace.set_tracer_provider(variant.provider)
     switch_to(variant)
+    import collector
+
+    collector.watch_from_env()
     return variant.app
