@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import sys
 import types
 import weakref
@@ -33,54 +34,60 @@ OTHER = "other"
 # Deeper than any real call chain from an endpoint to add_task; bounds the walk's cost.
 MAX_FRAMES = 96
 
-# code object -> None for the endpoint, or the dependency's qualified name
-_CodeMap = dict[types.CodeType, "str | None"]
+# id of a code object -> None for the endpoint, or the dependency's qualified name. Keyed by
+# id: hashing a code object hashes its constants, nested code objects included, on every
+# lookup (1.8 us for one of FastAPI's request handlers); the codes are kept alive with the map.
+_CodeMap = dict[int, "str | None"]
 # A code with free variables (a wrapper, a nested function) -> per function made of it, its
 # closure's values and what it stands for, first come first tried.
-_Closures = dict[types.CodeType, "list[tuple[tuple[Any, ...], str | None]]"]
+_Closures = dict[int, "list[tuple[tuple[Any, ...], str | None]]"]
+_MISSING = object()
 
 
 class _Codes:
     """What the code objects on the stack stand for, for one route (or the overrides)."""
 
-    __slots__ = ("closures", "plain")
+    __slots__ = ("closures", "codes", "plain")
 
     def __init__(self) -> None:
         self.plain: _CodeMap = {}
         self.closures: _Closures = {}
+        # The code objects the maps are keyed by the ids of: alive as long as the maps.
+        self.codes: list[types.CodeType] = []
 
     def add(self, call: Any, name: str | None, *, first: bool) -> None:
         """Map the codes that run when FastAPI calls ``call``; ``first``: ahead of any earlier
         meaning of the same code (the endpoint wins over a dependency that is the same
         function)."""
         for code, closure in _code_objects(call):
+            self.codes.append(code)
+            key = id(code)
             if closure is None:
-                if first or code not in self.plain:
-                    self.plain[code] = name
+                if first or key not in self.plain:
+                    self.plain[key] = name
                 continue
-            owners = self.closures.setdefault(code, [])
+            owners = self.closures.setdefault(key, [])
             if first:
                 owners.insert(0, (closure, name))
             else:
                 owners.append((closure, name))
 
-    def lookup(self, frame: types.FrameType) -> tuple[bool, str | None]:
-        """``(found, name)`` for the code ``frame`` runs."""
-        code = frame.f_code
-        if code in self.plain:
-            return True, self.plain[code]
-        owners = self.closures.get(code)
+    def lookup(self, frame: types.FrameType, key: int) -> Any:
+        """What the code ``frame`` runs (whose id is ``key``) stands for: a dependency's
+        name, ``None`` for the endpoint, or ``_MISSING``."""
+        name = self.plain.get(key, _MISSING)
+        if name is not _MISSING:
+            return name
+        owners = self.closures.get(key)
         if owners is None:
-            return False, None
-        values = _free_values(frame, code)
+            return _MISSING
+        values = _free_values(frame, frame.f_code)
         if values is None:
-            return False, None
+            return _MISSING
         for closure, name in owners:
-            if len(closure) == len(values) and all(
-                a is b for a, b in zip(closure, values, strict=True)
-            ):
-                return True, name
-        return False, None
+            if len(closure) == len(values) and all(map(operator.is_, closure, values)):
+                return name
+        return _MISSING
 
 
 _UNSET = object()
@@ -93,7 +100,10 @@ def _free_values(frame: types.FrameType, code: types.CodeType) -> tuple[Any, ...
     of codes that run as several functions: rare on the walk, and at most once per frame."""
     try:
         local = frame.f_locals
-        return tuple(local.get(name, _UNSET) for name in code.co_freevars)
+        names = code.co_freevars
+        if len(names) == 1:  # the usual closure: one name, no list made
+            return (local.get(names[0], _UNSET),)
+        return tuple([local.get(name, _UNSET) for name in names])
     except Exception:
         return None
 
@@ -120,24 +130,22 @@ def detect(
     if frame is None:
         frame = sys._getframe(1)
     plain, closures = codes.plain, codes.closures
-    for _ in range(MAX_FRAMES):
-        if frame is None:
-            break
+    depth = 0
+    while frame is not None and depth < MAX_FRAMES:
         code = frame.f_code
-        if code in plain:
-            name = plain[code]
-            return (HANDLER, None) if name is None else (DEPENDENCY, name)
-        if closures and code in closures:
-            found, name = codes.lookup(frame)
-            if found:
+        key = id(code)
+        if key in plain or key in closures:
+            name = codes.lookup(frame, key)
+            if name is not _MISSING:
                 return (HANDLER, None) if name is None else (DEPENDENCY, name)
-        if overrides is not None and (code in overrides.plain or code in overrides.closures):
-            found, name = overrides.lookup(frame)
-            if found:
+        if overrides is not None and (key in overrides.plain or key in overrides.closures):
+            name = overrides.lookup(frame, key)
+            if name is not _MISSING:
                 return DEPENDENCY, name
         if code is stop:
             break
         frame = frame.f_back
+        depth += 1
     return OTHER, None
 
 

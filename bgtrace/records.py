@@ -12,6 +12,8 @@ import sys
 import threading
 import types
 import weakref
+from asyncio import current_task
+from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -77,10 +79,9 @@ def is_cancellation(exc: BaseException) -> bool:
 
 class TaskRecord:
     __slots__ = (
-        "__weakref__", "adopted", "claimed_at", "config", "dependency", "enqueued_at", "name",
-        "origin",
-        "parent", "qualname", "route", "series", "span", "started_at", "status", "thread",
-        "token", "tracing", "waiting_at",
+        "__weakref__", "adopted", "asyncio_task", "claimed_at", "config", "dependency",
+        "enqueued_at", "loop", "name", "origin", "parent", "qualname", "route", "series", "span",
+        "started_at", "status", "thread", "token", "tracing", "under_span", "waiting_at",
     )  # fmt: skip
 
     def __init__(
@@ -109,10 +110,18 @@ class TaskRecord:
         self.started_at = 0.0
         self.claimed_at = 0.0  # a def task: when it could start, and began waiting for a thread
         self.span: trace.Span | None = None
+        # Whether a recording span was current when the task was queued: another
+        # instrumentation's task span can only be opened under one (see _start_span).
+        self.under_span = False
         self.adopted = OWN
         self.token: object = None
         # The thread the task runs on (the event loop's for an async task), once started.
         self.thread = 0
+        # An async task on an asyncio loop: the loop, and the id of the asyncio Task running
+        # it, by which the stuck check finds where it waits. An id, not the Task: a loop closed
+        # without cancelling it must let the Task, its frames and arguments go.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.asyncio_task = 0
         # Where a stuck task was last seen waiting (``file:line in function``), for the page.
         self.waiting_at: str | None = None
 
@@ -145,6 +154,11 @@ class TaskRecord:
                 # RUNNING.
                 self.started_at = now
                 self.thread = threading.get_ident()
+                if not claimed:
+                    # On its event loop's thread (a claimed def task starts in a worker's).
+                    loop = self.loop = _get_running_loop()
+                    if loop is not None:
+                        self.asyncio_task = id(current_task(loop))
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)
                 if thread_wait is not None:
@@ -165,12 +179,16 @@ class TaskRecord:
 
     def _start_span(self, wait: float) -> None:
         foreign = None
-        if self.config.trace_mode == "child" or not self.tracing:
-            # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
-            # instrumentor may have one, and their task span takes bgtrace's attributes.
-            foreign = foreign_task_span()
-            if foreign is None and not self.tracing:
+        if not self.tracing:
+            # Without a provider of bgtrace's own, FastAPI's telemetry or OpenTelemetry's
+            # instrumentor may have one, and their task span takes bgtrace's attributes. They
+            # open it under their request span: none recording when the task was queued, no
+            # span of theirs to look for (the lookup is most of a task's span work).
+            foreign = foreign_task_span() if self.under_span else None
+            if foreign is None:
                 return
+        elif self.config.trace_mode == "child":
+            foreign = foreign_task_span()
         attributes: dict[str, AttributeValue] = {
             ATTR_FUNCTION: self.name,
             ATTR_ORIGIN: self.origin,
@@ -312,6 +330,7 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         route = state.route()[0] if state is not None else NO_ROUTE
         origin, dependency = OTHER, None
     parent: Context | None = None
+    under_span = False
     try:
         current_context = otel_context.get_current()
         span = trace.get_current_span(current_context)
@@ -320,7 +339,8 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
             # target of its link in link mode. Kept as it is: no span or context made per task.
             parent = current_context
         # Also without a provider of bgtrace's own: the span may be another instrumentation's.
-        if span.is_recording():
+        under_span = span.is_recording()
+        if under_span:
             span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
     except Exception:
         logs.internal_error("task queued span")
@@ -336,6 +356,7 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         parent,
         tracing,
     )
+    record.under_span = under_span
     with series.lock:
         series.queued()
     inflight.add(record)

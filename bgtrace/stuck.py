@@ -3,9 +3,9 @@ waits.
 
 Everything here reads the tasks in flight (``inflight``) at its own pace: the oldest-age gauges
 at each scrape (or multiprocess flush), the stuck check from a daemon thread of its own, the
-shutdown report when the server says it waits for background work. A task pays one observer
-call when it starts (an async task's asyncio ``Task`` is kept, to find the coroutine chain it is
-suspended in) and one when it ends.
+shutdown report when the server says it waits for background work. A task pays nothing here:
+an async task's record keeps its event loop and the id of the asyncio ``Task`` running it,
+which finds the coroutine chain it is suspended in when it is looked for.
 
 Locations are ``file:line in function`` of code objects only: never a local variable, never an
 argument.
@@ -88,8 +88,8 @@ def watch(config: Config, stuck_after: float | None) -> None:
         _after[config] = stuck_after
         _default_after = stuck_after
         _checker_wanted = _checker_wanted or stuck_after is not None
-    # Also with stuck_after=None: the shutdown report names where async tasks wait.
-    inflight.add_observer(_OBSERVER)
+    if stuck_after is not None and _checker is None:
+        inflight.add_observer(_OBSERVER)
     _install_shutdown_hook()
 
 
@@ -108,38 +108,22 @@ def _interval() -> float:
     return min(max(min(afters) / 10, _MIN_INTERVAL), _MAX_INTERVAL)
 
 
-# --- which asyncio Task runs an async task -------------------------------------------------
-
-# Running records of async tasks -> a weak reference to the asyncio Task running them, or
-# None where none is known (trio); a def task running in a worker thread has no entry (its
-# thread's stack is read instead). Weak: a loop closed without cancelling its tasks lets the
-# collector close the coroutine, which ends the record; a strong one would keep the task, its
-# frames and its arguments for ever. Emptied as tasks end.
-_coroutines: dict[TaskRecord, weakref.ref[asyncio.Task[Any]] | None] = {}
+# --- starting the checker -------------------------------------------------------------------
 
 
-class _Observer(inflight.TaskObserver):
+class _Starter(inflight.TaskObserver):
+    """Starts the checker thread at the first task after a middleware asked for it (in each
+    process: a thread started before a fork does not exist in the child), then leaves: tasks
+    pay nothing for the stuck check after that."""
+
     def started(self, record: TaskRecord) -> None:
-        if not record.claimed_at:
-            # An async task, started on its event loop's thread.
-            loop = asyncio._get_running_loop()
-            current = asyncio.current_task(loop) if loop is not None else None
-            _coroutines[record] = weakref.ref(current) if current is not None else None
         if _checker is None and _checker_wanted:
             _start_checker()
-
-    def finished(
-        self,
-        record: TaskRecord,
-        elapsed: float,
-        outcome: str,
-        error_type: str | None,
-        exc: BaseException | None,
-    ) -> None:
-        _coroutines.pop(record, None)
+        if _checker is not None:
+            inflight.remove_observer(self)
 
 
-_OBSERVER = _Observer()
+_OBSERVER = _Starter()
 
 
 # --- the checker thread --------------------------------------------------------------------
@@ -231,11 +215,10 @@ def report_running(lead: str = AT_SHUTDOWN) -> None:
 def location(record: TaskRecord) -> str:
     """The innermost frames of the task, innermost first: ``file:line in function <- ...``."""
     try:
-        if record in _coroutines:
+        if not record.claimed_at:
             # An async task: where its coroutine is suspended, never the loop thread's stack
             # (that shows whatever runs on the loop now).
-            ref = _coroutines.get(record)
-            task = ref() if ref is not None else None
+            task = _asyncio_task(record)
             if task is None:
                 return UNKNOWN
             frames = _coroutine_frames(task.get_coro())
@@ -249,6 +232,20 @@ def location(record: TaskRecord) -> str:
     except Exception:
         logs.internal_error("stuck task location")
         return UNKNOWN
+
+
+def _asyncio_task(record: TaskRecord) -> asyncio.Task[Any] | None:
+    """The asyncio ``Task`` running an async task, found among its loop's tasks by the id the
+    record took when it started (a task holds its record while it runs: the id is not reused
+    before the record ends). ``None`` under trio, or once the loop is gone."""
+    loop = record.loop
+    if loop is None or loop.is_closed():
+        return None
+    # all_tasks copies the loop's weak set, retrying while the loop thread changes it.
+    for task in asyncio.all_tasks(loop):
+        if id(task) == record.asyncio_task:
+            return task
+    return None
 
 
 def _coroutine_frames(coroutine: Any) -> list[types.FrameType]:
@@ -364,7 +361,8 @@ def _forget_in_child() -> None:
     _checker = None
     _lock = threading.Lock()
     _stop = threading.Event()  # its lock may have been held by the parent's checker
-    _coroutines.clear()
+    if _checker_wanted:
+        inflight.add_observer(_OBSERVER)  # start this process's checker at its first task
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -17,12 +17,14 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import BackgroundTasks, FastAPI
+from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from bgtrace import BackgroundTaskMiddleware, stuck
+from bgtrace import BackgroundTaskMiddleware, inflight, stuck
 from bgtrace.records import CLAIMED
+from tests import apps
 from tests.servers import in_forked_child, scrape, serve_in_thread, total, wait_for
 
 THIS_FILE = "tests/test_stuck.py"
@@ -235,10 +237,36 @@ def test_stuck_after_must_be_positive() -> None:
         BackgroundTaskMiddleware(FastAPI(), registry=CollectorRegistry(), stuck_after=0)
 
 
-def test_a_forked_child_starts_its_own_checker() -> None:
+def test_a_forked_child_starts_its_own_checker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stuck, "_checker_wanted", True)  # a middleware asked for it
     stuck._start_checker()
     assert stuck._checker is not None
-    assert in_forked_child(lambda: stuck._checker is None and not stuck._coroutines)
+    # The parent's thread is not the child's: the child's first task starts one.
+    assert in_forked_child(lambda: stuck._checker is None and stuck._OBSERVER in inflight.observers)
+
+
+def test_the_checker_starter_leaves_once_the_checker_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tasks pay nothing for the stuck check once its thread runs: no observer per step.
+    In a forked child, which starts with no checker of its own."""
+    monkeypatch.setattr(stuck, "_checker_wanted", True)
+    stuck._start_checker()
+
+    def first_task_starts_it_and_the_starter_leaves() -> bool:
+        app = FastAPI()
+        app.add_middleware(BackgroundTaskMiddleware, registry=CollectorRegistry(), stuck_after=60)
+
+        @app.post("/one")
+        async def one(background_tasks: BackgroundTasks) -> None:
+            background_tasks.add_task(apps.async_log, "one")
+
+        with TestClient(app) as client:
+            waiting = stuck._checker is None and stuck._OBSERVER in inflight.observers
+            client.post("/one")
+        return waiting and stuck._checker is not None and stuck._OBSERVER not in inflight.observers
+
+    assert in_forked_child(first_task_starts_it_and_the_starter_leaves)
 
 
 # --- the thread wait of def tasks ----------------------------------------------------------
