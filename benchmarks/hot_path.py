@@ -20,6 +20,7 @@ from variants import Variant, build, switch_to
 
 import bgtrace
 import bgtrace.config
+import bgtrace.inflight
 import bgtrace.instrumentation
 import bgtrace.metrics
 import bgtrace.middleware
@@ -114,6 +115,11 @@ def _metrics_knockouts() -> list[Plan]:
          _silence(post_response=True)),
         (_ALL_METRICS, "both rows above at once",
          _silence(*_SERIES_UPDATES, post_response=True)),
+        ("- in-flight set", "inflight.add and discard: the live record set the stuck check, "
+         "the oldest-age gauges and the live page read", lambda v: [
+             (bgtrace.inflight, "add", _nothing), (bgtrace.inflight, "discard", _nothing)]),
+        ("- loop watchdog check", "ensure_watched(): the per-request check that this loop "
+         "has its watchdog", lambda v: [(mw, "ensure_watched", _nothing)]),
         ("skeleton only", "middleware + class patches; no per-task or end-of-request work",
          lambda v: [(ins, "track", _nothing), (ins, "task_starting", _nothing),
                     (ins, "background_starting", _nothing), (mw, "finish_request", _nothing)]),
@@ -131,6 +137,8 @@ def _tracing_knockouts() -> list[Plan]:
          lambda v: [(Span, "add_event", _nothing)]),
         ("- foreign span lookup", "spans.foreign_task_span, per task start",
          lambda v: [(rec, "foreign_task_span", lambda: None)]),
+        ("- exemplar trace id", "sampled_trace_id per task end: the exemplar's and the "
+         "failure log's trace id", lambda v: [(rec, "sampled_trace_id", lambda span: None)]),
     ]  # fmt: skip
 
 

@@ -298,7 +298,8 @@ def _otel_fastapi_with_bgtrace(shape: str) -> Variant:
 
 class _SpanFloor:
     """The OpenTelemetry SDK work that bgtrace's span contract asks for, and nothing else: a
-    SERVER span (method at start; route and status at the end), one ``bgtask.enqueued`` event
+    SERVER span continuing an incoming ``traceparent`` (method at start; route and status at
+    the end), one ``bgtask.enqueued`` event
     per task on it, and per task an INTERNAL child span with bgtrace's attributes, made
     current while it runs. Done around the request, with no task tracking, labels or
     metrics: a floor for any implementation of the same spans."""
@@ -313,8 +314,16 @@ class _SpanFloor:
             return
         from opentelemetry import context, trace
 
+        # The contract continues an incoming trace: the least that asks is a look for the
+        # header (W3C, the default propagator), extracting only when it is there.
+        incoming = Context()
+        if any(name == b"traceparent" for name, _ in scope["headers"]):
+            from opentelemetry import propagate
+
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            incoming = propagate.extract(headers)
         request = self.tracer.start_span(
-            "POST", context=Context(), kind=trace.SpanKind.SERVER,
+            "POST", context=incoming, kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": "POST"},
         )  # fmt: skip
         token = context.attach(trace.set_span_in_context(request))

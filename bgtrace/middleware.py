@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -135,6 +134,7 @@ class BackgroundTaskMiddleware:
                 if not left_to_others(scope, self._instrumentations):
                     request_span = RequestSpan(config, scope)
                     state.on_response_sent = request_span.end
+                    state.own_span = True
             except Exception:
                 logs.internal_error("request span start")
 
@@ -161,8 +161,11 @@ class BackgroundTaskMiddleware:
         finally:
             # Closed by the collector in another context (its loop was closed without
             # cancelling it): that context's variable is not ours to reset.
-            with contextlib.suppress(ValueError):
+            # try/except, not contextlib.suppress: no context manager object per request.
+            try:  # noqa: SIM105
                 current.reset(token)
+            except ValueError:
+                pass
             finish_request(state, raised)
             if request_span is not None:
                 if state.response_done_at is None:

@@ -80,8 +80,8 @@ def is_cancellation(exc: BaseException) -> bool:
 class TaskRecord:
     __slots__ = (
         "__weakref__", "adopted", "asyncio_task", "claimed_at", "config", "dependency",
-        "enqueued_at", "loop", "name", "origin", "parent", "qualname", "route", "series", "span",
-        "started_at", "status", "thread", "token", "tracing", "under_span", "waiting_at",
+        "enqueued_at", "loop", "may_adopt", "name", "origin", "parent", "qualname", "route",
+        "series", "span", "started_at", "status", "thread", "token", "tracing", "waiting_at",
     )  # fmt: skip
 
     def __init__(
@@ -110,9 +110,10 @@ class TaskRecord:
         self.started_at = 0.0
         self.claimed_at = 0.0  # a def task: when it could start, and began waiting for a thread
         self.span: trace.Span | None = None
-        # Whether a recording span was current when the task was queued: another
-        # instrumentation's task span can only be opened under one (see _start_span).
-        self.under_span = False
+        # Whether another instrumentation may open a span around this task's call, to be
+        # adopted (see _start_span): only under a recording span that is not bgtrace's own
+        # request span (bgtrace opens one only where no HTTP instrumentation traces).
+        self.may_adopt = False
         self.adopted = OWN
         self.token: object = None
         # The thread the task runs on (the event loop's for an async task), once started.
@@ -179,16 +180,14 @@ class TaskRecord:
 
     def _start_span(self, wait: float) -> None:
         foreign = None
-        if not self.tracing:
-            # Without a provider of bgtrace's own, FastAPI's telemetry or OpenTelemetry's
+        if self.config.trace_mode == "child" or not self.tracing:
+            # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
             # instrumentor may have one, and their task span takes bgtrace's attributes. They
-            # open it under their request span: none recording when the task was queued, no
-            # span of theirs to look for (the lookup is most of a task's span work).
-            foreign = foreign_task_span() if self.under_span else None
-            if foreign is None:
+            # open it under their own request span; where there is none, the lookup (most of
+            # a task's span work without tracing) is skipped.
+            foreign = foreign_task_span() if self.may_adopt else None
+            if foreign is None and not self.tracing:
                 return
-        elif self.config.trace_mode == "child":
-            foreign = foreign_task_span()
         attributes: dict[str, AttributeValue] = {
             ATTR_FUNCTION: self.name,
             ATTR_ORIGIN: self.origin,
@@ -356,7 +355,7 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         parent,
         tracing,
     )
-    record.under_span = under_span
+    record.may_adopt = under_span and not (live and state is not None and state.own_span)
     with series.lock:
         series.queued()
     inflight.add(record)
