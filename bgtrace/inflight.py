@@ -8,8 +8,10 @@ per step.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import logs
@@ -34,6 +36,30 @@ def discard(record: TaskRecord) -> None:
 def snapshot() -> list[TaskRecord]:
     """The records queued or running now, in the order they were queued."""
     return list(_tasks)
+
+
+# The event loops that ran async tasks, by id, weakly: a record keeps its loop's id (an int,
+# no reference), so that a loop abandoned without closing it (its timers hold its tasks) is
+# not kept alive by the tasks in flight; the stuck check finds the loop here.
+_loops: dict[int, weakref.ref[asyncio.AbstractEventLoop]] = {}
+
+
+def loop_key(loop: asyncio.AbstractEventLoop) -> int:
+    """``loop``'s key for ``loop_of``: one dict lookup once it is known."""
+    key = id(loop)
+    if key not in _loops:
+
+        def forget(_: object) -> None:
+            # As the loop is freed: before any other object can have its id.
+            _loops.pop(key, None)
+
+        _loops[key] = weakref.ref(loop, forget)
+    return key
+
+
+def loop_of(key: int) -> asyncio.AbstractEventLoop | None:
+    ref = _loops.get(key)
+    return None if ref is None else ref()
 
 
 class TaskObserver:

@@ -118,10 +118,10 @@ class TaskRecord:
         self.token: object = None
         # The thread the task runs on (the event loop's for an async task), once started.
         self.thread = 0
-        # An async task on an asyncio loop: the loop, and the id of the asyncio Task running
-        # it, by which the stuck check finds where it waits. An id, not the Task: a loop closed
-        # without cancelling it must let the Task, its frames and arguments go.
-        self.loop: asyncio.AbstractEventLoop | None = None
+        # An async task on an asyncio loop: its loop's key (inflight.loop_of) and the id of the
+        # asyncio Task running it, by which the stuck check finds where it waits. Ids, not the
+        # loop or the Task: an abandoned loop must let the Task, its frames and arguments go.
+        self.loop = 0
         self.asyncio_task = 0
         # Where a stuck task was last seen waiting (``file:line in function``), for the page.
         self.waiting_at: str | None = None
@@ -157,8 +157,9 @@ class TaskRecord:
                 self.thread = threading.get_ident()
                 if not claimed:
                     # On its event loop's thread (a claimed def task starts in a worker's).
-                    loop = self.loop = _get_running_loop()
+                    loop = _get_running_loop()
                     if loop is not None:
+                        self.loop = inflight.loop_key(loop)
                         self.asyncio_task = id(current_task(loop))
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)

@@ -238,7 +238,7 @@ def _asyncio_task(record: TaskRecord) -> asyncio.Task[Any] | None:
     """The asyncio ``Task`` running an async task, found among its loop's tasks by the id the
     record took when it started (a task holds its record while it runs: the id is not reused
     before the record ends). ``None`` under trio, or once the loop is gone."""
-    loop = record.loop
+    loop = inflight.loop_of(record.loop)
     if loop is None or loop.is_closed():
         return None
     # all_tasks copies the loop's weak set, retrying while the loop thread changes it.

@@ -160,15 +160,23 @@ def test_observers_joining_and_leaving_in_two_threads_lose_none() -> None:
     assert lost == 0
 
 
-def test_task_of_a_loop_closed_without_cancelling_it_ends_and_leaves_nothing(
-    registry: CollectorRegistry, samples: Samples
+# A loop left open warns when the collector frees it: that is the abandonment under test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "left-open"])
+@pytest.mark.parametrize("wait", ["event", "timer"])
+def test_task_of_an_abandoned_loop_ends_and_leaves_nothing(
+    registry: CollectorRegistry, samples: Samples, closed: bool, wait: str
 ) -> None:
     """Regression: a strong reference to the asyncio Task (kept to say where a stuck task
-    waits) kept an abandoned task, its frames and its arguments, and its record in flight for
-    ever. The collector closes the coroutine: the task ends, counted cancelled."""
+    waits), or to its loop (whose timers hold the task), kept an abandoned task, its frames
+    and its arguments, and its record in flight for ever. The collector closes the coroutine:
+    the task ends, counted cancelled."""
 
     async def hang(secret: str) -> None:
-        await asyncio.Event().wait()
+        if wait == "timer":
+            await asyncio.sleep(3600)
+        else:
+            await asyncio.Event().wait()
 
     async def endpoint(request: Any) -> PlainTextResponse:
         return PlainTextResponse("ok", background=BackgroundTask(hang, "s3cret"))
@@ -181,7 +189,8 @@ def test_task_of_a_loop_closed_without_cancelling_it_ends_and_leaves_nothing(
     task = loop.create_task(call(app, "/", method="GET"))
     loop.run_until_complete(asyncio.sleep(0.05))
     assert [r.status for r in inflight.snapshot()] == [RUNNING]
-    loop.close()
+    if closed:
+        loop.close()
     del task, loop
     gc.collect()
     assert inflight.snapshot() == []
