@@ -61,11 +61,17 @@ class Config:
                 return False
             if provider is None or provider is _UNKNOWN:
                 provider = trace.get_tracer_provider()
-        return not isinstance(provider, _NOT_RECORDING)
+        kind = type(provider)
+        recording = _recording_types.get(kind)
+        if recording is None:
+            # Once per provider class: both classes are ABCs, whose isinstance is slow.
+            recording = _recording_types[kind] = not isinstance(provider, _NOT_RECORDING)
+        return recording
 
 
 _UNKNOWN = object()
 _NOT_RECORDING = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+_recording_types: dict[type, bool] = {}
 # OpenTelemetry loads a global provider named by this variable on first use; read once, as
 # OpenTelemetry itself reads its configuration at start-up.
 _provider_from_environment = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ

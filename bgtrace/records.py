@@ -297,12 +297,25 @@ class TaskRecord:
 
 def sampled_trace_id(span: trace.Span) -> str | None:
     """The span's trace id when it is sampled: for the exemplar and the failure log."""
+    global _last_trace_id
     try:
         context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.trace_flags.sampled else None
+        if not context.trace_flags.sampled:
+            return None
+        trace_id = context.trace_id
+        last = _last_trace_id
+        if last[0] == trace_id:  # the tasks of one request share their trace
+            return last[1]
+        text = format(trace_id, "032x")
+        _last_trace_id = (trace_id, text)
+        return text
     except Exception:
         logs.internal_error("task span context")
         return None
+
+
+# The last trace id formatted: (number, text). A tuple, replaced whole from any thread.
+_last_trace_id: tuple[int, str] = (-1, "")
 
 
 def track(task: Any, caller: types.FrameType | None = None) -> None:
