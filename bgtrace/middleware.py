@@ -23,7 +23,7 @@ from .multiprocess import (
 )
 from .otel_metrics import recorder_for, resolve_provider, unexposed_metrics
 from .page import tasks_app
-from .records import finish_request
+from .records import finish_request, release
 from .request import RequestState, current
 from .request_spans import InstrumentationLookup, RequestSpan, left_to_others
 from .routes import find_router_app
@@ -134,7 +134,6 @@ class BackgroundTaskMiddleware:
                 if not left_to_others(scope, self._instrumentations):
                     request_span = RequestSpan(config, scope)
                     state.on_response_sent = request_span.end
-                    state.own_span = True
             except Exception:
                 logs.internal_error("request span start")
 
@@ -172,6 +171,8 @@ class BackgroundTaskMiddleware:
                     state.on_response_sent = None
                     request_span.end(state, raised)
                 request_span.detach()
+            # Last: the request span's end above still reads the route from the scope.
+            release(state)
             # The exception's traceback holds this frame: keeping the exception here would be a
             # cycle, and whatever else it keeps lives as long as that traceback.
             raised = request_span = None

@@ -46,6 +46,12 @@ from .spans import (
     task_parent,
 )  # fmt: skip
 
+# opentelemetry-instrumentation-fastapi keeps the BackgroundTask.__call__ it replaced under
+# this class attribute (see instrumentation.py); FastAPI's telemetry puts its request state in
+# the scope under this key (None for a request it excludes).
+_OTEL_SAVED_CALL = "_otel_original_call"
+_FASTAPI_TELEMETRY = "fastapi.telemetry"
+
 # Where the record lives on a BackgroundTask instance.
 RECORD_ATTR = "_bgtrace_record"
 # Starlette's own BackgroundTask.__call__, captured before anything patches it.
@@ -111,9 +117,8 @@ class TaskRecord:
         self.claimed_at = 0.0  # a def task: when it could start, and began waiting for a thread
         self.span: trace.Span | None = None
         # Whether another instrumentation may open a span around this task's call, to be
-        # adopted (see _start_span): only under a recording span that is not bgtrace's own
-        # request span (bgtrace opens one only where no HTTP instrumentation traces).
-        self.may_adopt = False
+        # adopted (see _start_span and where _queued sets it).
+        self.may_adopt = True
         self.adopted = OWN
         self.token: object = None
         # The thread the task runs on (the event loop's for an async task), once started.
@@ -155,12 +160,6 @@ class TaskRecord:
                 # RUNNING.
                 self.started_at = now
                 self.thread = threading.get_ident()
-                if not claimed:
-                    # On its event loop's thread (a claimed def task starts in a worker's).
-                    loop = _get_running_loop()
-                    if loop is not None:
-                        self.loop = inflight.loop_key(loop)
-                        self.asyncio_task = id(current_task(loop))
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)
                 if thread_wait is not None:
@@ -168,6 +167,17 @@ class TaskRecord:
                     thread_wait.dirty = True
         except Exception:
             logs.internal_error("task start metrics")
+        if not claimed:
+            # On its event loop's thread (a claimed def task starts in a worker's): where the
+            # stuck check looks for it.
+            try:
+                loop = _get_running_loop()
+                if loop is not None:
+                    task = current_task(loop)
+                    self.asyncio_task = 0 if task is None else id(task)
+                    self.loop = inflight.loop_key(loop)
+            except Exception:
+                logs.internal_error("task start loop")
         for observer in inflight.observers:
             try:
                 observer.started(self)
@@ -369,7 +379,17 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         parent,
         tracing,
     )
-    record.may_adopt = under_span and not (live and state is not None and state.own_span)
+    # Another instrumentation opens a task span around the call only where it traces: under
+    # its request span (recording now), through OpenTelemetry's class patch (also for URLs
+    # its middleware excludes, as a trace of its own), or where FastAPI's telemetry serves
+    # this request. Outside a live request nothing is known: look.
+    record.may_adopt = (
+        under_span
+        or not live
+        or state is None
+        or _OTEL_SAVED_CALL in background.BackgroundTask.__dict__
+        or state.live_scope.get(_FASTAPI_TELEMETRY) is not None
+    )
     with series.lock:
         series.queued()
     inflight.add(record)
@@ -379,8 +399,11 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         except Exception:
             inflight.observer_failed("queued")
     if register:
-        if live and state is not None:
-            state.records.append(record)
+        # Read again: the request may have ended on the event loop while this thread (one
+        # running a copy of its context) got here. Its records are then the shared ENDED.
+        records = state.records if state is not None and not state.closed else ENDED
+        if records is not ENDED:
+            records.append(record)
         else:
             # Outside a request (or after its end: a task spawned by the request queued this)
             # nobody sees the end of the task's life: count it dropped if it is garbage
@@ -487,6 +510,10 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
     forget(state)
     if state.records or state.background_ran:
         _end_tasks(state, exc)
+
+
+def release(state: RequestState) -> None:
+    """The request's last step: its state lets the scope go (see RequestState.release)."""
     try:
         state.release()
     except Exception:

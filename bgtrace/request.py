@@ -29,8 +29,8 @@ _ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_r
 class RequestState:
     __slots__ = (
         "_path", "_route", "background_ran", "closed", "config", "frame_id", "live_scope",
-        "on_response_sent", "own_span", "records", "response_done_at", "root_path",
-        "router_app", "status", "stop_code", "tracing",
+        "on_response_sent", "records", "response_done_at", "root_path", "router_app", "status",
+        "stop_code", "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -53,9 +53,6 @@ class RequestState:
         # Called with this state once the response is over. Never a closure over the state
         # itself: that would put every request in a reference cycle (see response_sent).
         self.on_response_sent: Callable[[RequestState], None] | None = None
-        # Whether the request's span is bgtrace's own: then no HTTP instrumentation traces
-        # this request, and no task span of another's is to be adopted.
-        self.own_span = False
         self._route: Resolved | None = None
         # The middleware call that serves this request (our caller): the event-loop watchdog
         # finds the request a blocked stack belongs to by it. An id, not the frame: the frame
@@ -95,7 +92,7 @@ class RequestState:
         request's objects) alive with them, enough per request at a server's usual concurrency
         to wake the cyclic collector, whose full collections are the latency tail."""
         scope = self.live_scope
-        if self._route is None and ("route" in scope or "fastapi" in scope):
+        if self._route is None and not _ROUTING_KEYS.isdisjoint(scope):
             self.route()  # routed but no task asked yet: memoised from the scope now
         self.live_scope = _RELEASED
         self.records = ENDED
@@ -121,8 +118,8 @@ def forget(state: RequestState) -> None:
     live.pop(state.frame_id, None)
 
 
-# The records of a request that is over: one shared empty list, never appended to (only a
-# request not yet closed takes records), so that an ended request allocates none.
+# The records of a request that is over: one shared empty list, which _queued never appends
+# to (it checks for it), so that an ended request allocates none.
 ENDED: list[TaskRecord] = []
 # What a released state reads as its scope: nothing to route on (its route is memoised).
 _RELEASED: Scope = {}

@@ -4,8 +4,8 @@ waits.
 Everything here reads the tasks in flight (``inflight``) at its own pace: the oldest-age gauges
 at each scrape (or multiprocess flush), the stuck check from a daemon thread of its own, the
 shutdown report when the server says it waits for background work. A task pays nothing here:
-an async task's record keeps its event loop and the id of the asyncio ``Task`` running it,
-which finds the coroutine chain it is suspended in when it is looked for.
+an async task's record keeps the ids of its event loop and of the asyncio ``Task`` running it,
+by which the coroutine chain it is suspended in is found when it is looked for.
 
 Locations are ``file:line in function`` of code objects only: never a local variable, never an
 argument.
@@ -163,6 +163,7 @@ def check() -> None:
     """Log each task running longer than its ``stuck_after``, once, and keep where every such
     task waits now in ``record.waiting_at``."""
     now = perf_counter()
+    tasks = _Tasks()
     for record in inflight.snapshot():
         if record.status != RUNNING:
             continue
@@ -170,7 +171,7 @@ def check() -> None:
         running = now - record.started_at
         if after is None or running < after:
             continue
-        where = location(record)
+        where = location(record, tasks)
         record.waiting_at = where
         if record in _reported:
             continue
@@ -203,22 +204,24 @@ def report(lead: str, record: TaskRecord, running: float, where: str) -> None:
 def report_running(lead: str = AT_SHUTDOWN) -> None:
     """One line per task running now in this process, with where it waits."""
     now = perf_counter()
+    tasks = _Tasks()
     for record in inflight.snapshot():
         if record.status == RUNNING:
-            where = record.waiting_at = location(record)
+            where = record.waiting_at = location(record, tasks)
             report(lead, record, now - record.started_at, where)
 
 
 # --- where a task waits --------------------------------------------------------------------
 
 
-def location(record: TaskRecord) -> str:
-    """The innermost frames of the task, innermost first: ``file:line in function <- ...``."""
+def location(record: TaskRecord, tasks: _Tasks | None = None) -> str:
+    """The innermost frames of the task, innermost first: ``file:line in function <- ...``.
+    ``tasks``: the asyncio Tasks read for the other records of the same pass."""
     try:
         if not record.claimed_at:
             # An async task: where its coroutine is suspended, never the loop thread's stack
             # (that shows whatever runs on the loop now).
-            task = _asyncio_task(record)
+            task = (tasks or _Tasks()).find(record)
             if task is None:
                 return UNKNOWN
             frames = _coroutine_frames(task.get_coro())
@@ -234,18 +237,30 @@ def location(record: TaskRecord) -> str:
         return UNKNOWN
 
 
-def _asyncio_task(record: TaskRecord) -> asyncio.Task[Any] | None:
-    """The asyncio ``Task`` running an async task, found among its loop's tasks by the id the
-    record took when it started (a task holds its record while it runs: the id is not reused
-    before the record ends). ``None`` under trio, or once the loop is gone."""
-    loop = inflight.loop_of(record.loop)
-    if loop is None or loop.is_closed():
-        return None
-    # all_tasks copies the loop's weak set, retrying while the loop thread changes it.
-    for task in asyncio.all_tasks(loop):
-        if id(task) == record.asyncio_task:
-            return task
-    return None
+class _Tasks:
+    """The asyncio Tasks of each event loop by id, read once per pass over the records.
+
+    A running async task's record keeps the id of the asyncio Task running it (taken as it
+    started). While the record is running its Task is alive (a freed Task closes its coroutine,
+    which ends the record), so the id names no other Task; ``None`` under trio, or once the
+    loop is gone."""
+
+    __slots__ = ("_by_loop",)
+
+    def __init__(self) -> None:
+        self._by_loop: dict[int, dict[int, asyncio.Task[Any]]] = {}
+
+    def find(self, record: TaskRecord) -> asyncio.Task[Any] | None:
+        by_id = self._by_loop.get(record.loop)
+        if by_id is None:
+            loop = inflight.loop_of(record.loop)
+            by_id = {}
+            if loop is not None and not loop.is_closed():
+                # all_tasks copies asyncio's set of live tasks (of every loop), retrying while
+                # another thread changes it, and keeps this loop's.
+                by_id = {id(task): task for task in asyncio.all_tasks(loop)}
+            self._by_loop[record.loop] = by_id
+        return by_id.get(record.asyncio_task) if record.asyncio_task else None
 
 
 def _coroutine_frames(coroutine: Any) -> list[types.FrameType]:

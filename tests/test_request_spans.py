@@ -367,3 +367,81 @@ def test_failing_tracer_provider_leaves_app_and_counts_unharmed(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors, "the failure is logged"
     assert len(errors) == len(set(errors)), "once per place"
+
+
+def _task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    """Every span opened around a task's call, by bgtrace or by another instrumentation."""
+    return [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name.startswith(("bgtask ", "BackgroundTask ", "fastapi.background_task"))
+    ]
+
+
+@pytest.mark.parametrize("own_provider", [True, False], ids=["bgtrace-traces", "metrics-only"])
+def test_one_span_per_task_on_a_url_the_fastapi_instrumentor_excludes(
+    otel_fastapi: Any,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    own_provider: bool,
+) -> None:
+    """The instrumentor's class patch opens a task span (a trace of its own) also where its
+    middleware excludes the URL, so no request span is current when the task is queued.
+    Regression: bgtrace skipped the adoption there (two spans per task with a provider of its
+    own; the instrumentor's unnamed one without)."""
+    app = _routes(FastAPI())
+    options: dict[str, Any] = {"tracer_provider": tracer_provider} if own_provider else {}
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, **options)
+    otel_fastapi.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="/health")
+    from starlette import background
+
+    # Releases before 0.63b0 do not patch BackgroundTask: nobody else traces the task.
+    patched = "_otel_original_call" in background.BackgroundTask.__dict__
+    assert TestClient(app).get("/health").status_code == 200
+    if not (patched or own_provider):
+        assert _task_spans(exporter) == []
+        return
+    (task,) = _task_spans(exporter)
+    assert task.name == "bgtask write_log"
+    assert task.attributes is not None and task.attributes["bgtask.origin"] == "handler"
+    otel_fastapi.uninstrument_app(app)
+
+
+@pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
+def test_one_span_per_task_with_fastapi_telemetry_inside_a_hand_wrapped_middleware(
+    registry: CollectorRegistry, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """bgtrace wrapped around the app by hand runs before FastAPI's telemetry, so it opens the
+    request span itself; FastAPI's telemetry still opens a span around each task. Regression:
+    bgtrace took its own request span to mean nobody else traces, and opened a second span
+    per task."""
+    app = _routes(FastAPI(telemetry={"tracer_provider": tracer_provider}))
+    wrapped = BackgroundTaskMiddleware(app, registry=registry, tracer_provider=tracer_provider)
+    assert TestClient(wrapped).post("/notify/x").status_code == 200
+    (task,) = _task_spans(exporter)
+    assert task.name == "bgtask write_notification"
+
+
+def test_request_span_of_a_failing_starlette_route_names_its_route(
+    registry: CollectorRegistry, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """The request span ends after the app raised, when the request's state has already
+    counted the request's end. Regression: the state let its scope go first, and the span of
+    a plain Starlette route (which older Starlette does not put in the scope) lost its
+    route."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/items/{item_id}", broken)])
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, tracer_provider=tracer_provider)
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/items/7").status_code == 500
+    (server,) = _server_spans(exporter)
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == "/items/{item_id}"
+    assert server.name == "GET /items/{item_id}"
