@@ -122,7 +122,8 @@ def _metrics_knockouts() -> list[Plan]:
          "has its watchdog", lambda v: [(mw, "ensure_watched", _nothing)]),
         ("skeleton only", "middleware + class patches; no per-task or end-of-request work",
          lambda v: [(ins, "track", _nothing), (ins, "task_starting", _nothing),
-                    (ins, "background_starting", _nothing), (mw, "finish_request", _nothing)]),
+                    (ins, "background_starting", _nothing), (mw, "finish_request", _nothing),
+                    (mw, "release", _nothing)]),
     ]  # fmt: skip
 
 

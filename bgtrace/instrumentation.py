@@ -24,6 +24,7 @@ from .records import (
     tasks_interrupted,
     track,
 )
+from .spans import OTEL_SAVED_CALL
 
 P = ParamSpec("P")
 
@@ -54,11 +55,6 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
-# opentelemetry-instrumentation-fastapi replaces BackgroundTask.__call__ by hand, keeping the
-# method it replaced under this class attribute, and puts it back on uninstrument_app().
-_OTEL_SAVED_CALL = "_otel_original_call"
-
-
 def _wrap_task_call(
     original: Callable[[Any], Awaitable[None]], always: bool = False
 ) -> Callable[[Any], Awaitable[None]]:
@@ -71,7 +67,7 @@ def _wrap_task_call(
             return
         # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
         # directly: our span, in the same trace, replaces theirs, so each task has one span.
-        saved = background.BackgroundTask.__dict__.get(_OTEL_SAVED_CALL)
+        saved = background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL)
         call = saved if saved is _TASK_CALL and original is not saved else original
         record = task_starting(self, call)
         if record is None:

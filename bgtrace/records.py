@@ -39,18 +39,14 @@ from .spans import (
     ATTR_ROUTE,
     ATTR_WAIT,
     EVENT_ENQUEUED,
+    FASTAPI_TELEMETRY_SCOPE_KEY,
+    OTEL_SAVED_CALL,
     SPAN_PREFIX,
     foreign_task_span,
     owner_records_exception,
     record_failure,
     task_parent,
 )  # fmt: skip
-
-# opentelemetry-instrumentation-fastapi keeps the BackgroundTask.__call__ it replaced under
-# this class attribute (see instrumentation.py); FastAPI's telemetry puts its request state in
-# the scope under this key (None for a request it excludes).
-_OTEL_SAVED_CALL = "_otel_original_call"
-_FASTAPI_TELEMETRY = "fastapi.telemetry"
 
 # Where the record lives on a BackgroundTask instance.
 RECORD_ATTR = "_bgtrace_record"
@@ -193,9 +189,9 @@ class TaskRecord:
         foreign = None
         if self.config.trace_mode == "child" or not self.tracing:
             # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
-            # instrumentor may have one, and their task span takes bgtrace's attributes. They
-            # open it under their own request span; where there is none, the lookup (most of
-            # a task's span work without tracing) is skipped.
+            # instrumentor may have one, and their task span takes bgtrace's attributes. Where
+            # neither can have opened one (see may_adopt), the lookup (most of a task's span
+            # work without tracing) is skipped.
             foreign = foreign_task_span() if self.may_adopt else None
             if foreign is None and not self.tracing:
                 return
@@ -380,15 +376,17 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         tracing,
     )
     # Another instrumentation opens a task span around the call only where it traces: under
-    # its request span (recording now), through OpenTelemetry's class patch (also for URLs
-    # its middleware excludes, as a trace of its own), or where FastAPI's telemetry serves
-    # this request. Outside a live request nothing is known: look.
+    # its request span (recording now); through OpenTelemetry's class patch, when it wraps
+    # bgtrace's (also for URLs its middleware excludes, as a trace of its own; bgtrace's
+    # wrapper outside it calls Starlette's method past it); or where FastAPI's telemetry
+    # serves this request. Outside a live request nothing is known: look.
     record.may_adopt = (
         under_span
-        or not live
         or state is None
-        or _OTEL_SAVED_CALL in background.BackgroundTask.__dict__
-        or state.live_scope.get(_FASTAPI_TELEMETRY) is not None
+        or not live
+        or background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL, STARLETTE_TASK_CALL)
+        is not STARLETTE_TASK_CALL
+        or state.live_scope.get(FASTAPI_TELEMETRY_SCOPE_KEY) is not None
     )
     with series.lock:
         series.queued()
@@ -400,14 +398,16 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
             inflight.observer_failed("queued")
     if register:
         # Read again: the request may have ended on the event loop while this thread (one
-        # running a copy of its context) got here. Its records are then the shared ENDED.
+        # running a copy of its context) got here.
         records = state.records if state is not None and not state.closed else ENDED
         if records is not ENDED:
             records.append(record)
-        else:
+        if records is ENDED or (state is not None and state.closed):
             # Outside a request (or after its end: a task spawned by the request queued this)
             # nobody sees the end of the task's life: count it dropped if it is garbage
-            # collected without having run.
+            # collected without having run. Also when the request ended just after the read
+            # above: its end sets ``closed`` before it reads the records, so one of the two
+            # drops the record (a drop happens once).
             weakref.finalize(task, record.drop, NOT_ATTACHED)
     return record
 

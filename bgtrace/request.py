@@ -92,8 +92,11 @@ class RequestState:
         request's objects) alive with them, enough per request at a server's usual concurrency
         to wake the cyclic collector, whose full collections are the latency tail."""
         scope = self.live_scope
-        if self._route is None and not _ROUTING_KEYS.isdisjoint(scope):
-            self.route()  # routed but no task asked yet: memoised from the scope now
+        if self._route is None and ("route" in scope or "fastapi" in scope):
+            # Routed, and no task asked yet: memoised from the scope now (routing left the
+            # route there: no matching again; a plain route of Starlette before 1.0 leaves
+            # none, and a task queued after such a request's end reads ``none``).
+            self.route()
         self.live_scope = _RELEASED
         self.records = ENDED
         self.router_app = None

@@ -19,7 +19,7 @@ from .config import Config
 from .propagation import incoming_context
 from .request import RequestState
 from .routes import NO_ROUTE
-from .spans import ATTR_ROUTE, http_method
+from .spans import ATTR_ROUTE, FASTAPI_TELEMETRY_SCOPE_KEY, http_method
 
 # (module, class) of the ASGI middlewares that open a request's SERVER span themselves.
 _HTTP_INSTRUMENTATIONS = frozenset(
@@ -35,7 +35,6 @@ _OTEL_FASTAPI_MARK = "_is_instrumented_by_opentelemetry"
 # Starlette's OpenTelemetryMiddleware sets this scope key while it handles a request, also
 # for the URLs it excludes; FastAPI's telemetry sets its own to None for excluded requests.
 _STARLETTE_OTEL_SCOPE_KEY = "starlette.opentelemetry"
-_FASTAPI_TELEMETRY_SCOPE_KEY = "fastapi.telemetry"
 _MAX_WALK = 200
 
 
@@ -101,7 +100,7 @@ def left_to_others(scope: Scope, instrumentations: InstrumentationLookup) -> boo
         return True
     if scope.get(_STARLETTE_OTEL_SCOPE_KEY):
         return True
-    if _FASTAPI_TELEMETRY_SCOPE_KEY in scope and scope[_FASTAPI_TELEMETRY_SCOPE_KEY] is None:
+    if FASTAPI_TELEMETRY_SCOPE_KEY in scope and scope[FASTAPI_TELEMETRY_SCOPE_KEY] is None:
         return True  # FastAPI's telemetry excludes this request
     return instrumentations.present(scope)
 

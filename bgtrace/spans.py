@@ -22,6 +22,13 @@ EVENT_ENQUEUED = "bgtask.enqueued"
 _FOREIGN_TASK_SPAN = "fastapi.background_task"
 _FOREIGN_TASK_SPAN_PREFIX = "BackgroundTask "
 
+# opentelemetry-instrumentation-fastapi replaces BackgroundTask.__call__ by hand, keeping the
+# method it replaced under this class attribute, and puts it back on uninstrument_app().
+OTEL_SAVED_CALL = "_otel_original_call"
+# Where FastAPI's telemetry keeps its per-request state in the scope (None for a request it
+# excludes).
+FASTAPI_TELEMETRY_SCOPE_KEY = "fastapi.telemetry"
+
 _KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 )

@@ -445,3 +445,35 @@ def test_request_span_of_a_failing_starlette_route_names_its_route(
     assert server.attributes is not None
     assert server.attributes["http.route"] == "/items/{item_id}"
     assert server.name == "GET /items/{item_id}"
+
+
+def test_request_state_lets_its_scope_go_only_after_the_request_span_ended(
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On any Starlette: the span's end reads the route through the state, so the state keeps
+    its scope until then (the app raised: the span ends after the request's bookkeeping)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    import bgtrace.middleware
+
+    ended_before: list[bool] = []
+    release = bgtrace.middleware.release
+
+    def checked_release(state: Any) -> None:
+        ended_before.append(bool(_server_spans(exporter)))
+        release(state)
+
+    monkeypatch.setattr(bgtrace.middleware, "release", checked_release)
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/items/{item_id}", broken)])
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, tracer_provider=tracer_provider)
+    assert TestClient(app, raise_server_exceptions=False).get("/items/7").status_code == 500
+    assert ended_before == [True]
