@@ -232,8 +232,6 @@ def server_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
         ratios = [r["rps"] / bare[r["round"]]["rps"] for r in mine if r["round"] in bare]
-        tasks = [r["tasks_per_request"] for r in mine if r["tasks_per_request"] is not None]
-        cpu = [r["server_cpu_us"] for r in mine if r["server_cpu_us"] is not None]
         cpu_ratios = [
             r["server_cpu_us"] / bare[r["round"]]["server_cpu_us"]
             for r in mine
@@ -252,9 +250,9 @@ def server_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
                 r["p99_ms"] / bare[r["round"]]["p99_ms"] for r in mine if r["round"] in bare
             ) if bare else float("nan"),
             "errors": sum(r["errors"] for r in mine),
-            "cpu_us": statistics.median(cpu) if cpu else None,
+            "cpu_us": _median_of(mine, "server_cpu_us"),
             "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
-            "tasks_per_request": statistics.median(tasks) if tasks else None,
+            "tasks_per_request": _median_of(mine, "tasks_per_request"),
             **{key: _median_of(mine, key) for key in GC_KEYS},
         })  # fmt: skip
     return summary

@@ -508,19 +508,8 @@ def finish_request(state: RequestState, exc: BaseException | None) -> None:
     """At the end of a request: count its never-started tasks as dropped, time the tail."""
     state.closed = True
     forget(state)
-    if state.records or state.background_ran:
-        _end_tasks(state, exc)
-
-
-def release(state: RequestState) -> None:
-    """The request's last step: its state lets the scope go (see RequestState.release)."""
-    try:
-        state.release()
-    except Exception:
-        logs.internal_error("request end")
-
-
-def _end_tasks(state: RequestState, exc: BaseException | None) -> None:
+    if not state.records and not state.background_ran:
+        return
     try:
         end = perf_counter()
         reason = None
@@ -528,7 +517,6 @@ def _end_tasks(state: RequestState, exc: BaseException | None) -> None:
             if record.status in (QUEUED, CLAIMED):
                 reason = reason or _drop_reason(state, exc)
                 record.drop(reason)
-        state.records = ENDED  # all ended: nothing to keep alive with the state
         if state.response_done_at is not None:
             route, seconds = state.route()[0], end - state.response_done_at
             state.config.metrics.post_response_for(route).observe(seconds)
@@ -537,6 +525,15 @@ def _end_tasks(state: RequestState, exc: BaseException | None) -> None:
                     observer(state.config.metrics, route, seconds)
                 except Exception:
                     inflight.observer_failed("post_response")
+    except Exception:
+        logs.internal_error("request end")
+
+
+def release(state: RequestState) -> None:
+    """The request's last step, after its span ended: its state lets the scope and the
+    records go (see RequestState.release)."""
+    try:
+        state.release()
     except Exception:
         logs.internal_error("request end")
 

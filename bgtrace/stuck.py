@@ -129,7 +129,7 @@ _OBSERVER = _Starter()
 # --- the checker thread --------------------------------------------------------------------
 
 _checker: threading.Thread | None = None
-# Whether any middleware asked for a stuck_after: read without the lock on every task start.
+# Whether any middleware asked for a stuck_after: read without the lock by the starter.
 _checker_wanted = False
 # Set at interpreter exit: the thread ends before the modules it uses are torn down.
 _stop = threading.Event()
