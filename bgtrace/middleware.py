@@ -134,6 +134,7 @@ class BackgroundTaskMiddleware:
                 if not left_to_others(scope, self._instrumentations):
                     request_span = RequestSpan(config, scope)
                     state.on_response_sent = request_span.end
+                    state.own_span = request_span.span
             except Exception:
                 logs.internal_error("request span start")
 

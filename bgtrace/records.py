@@ -349,18 +349,23 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         route = state.route()[0] if state is not None else NO_ROUTE
         origin, dependency = OTHER, None
     parent: Context | None = None
-    under_span = False
+    under_span = under_own_span = False
     try:
         current_context = otel_context.get_current()
-        span = trace.get_current_span(current_context)
-        if tracing and span.get_span_context().is_valid:
-            # The context as it is now: its span is the task span's parent in child mode, the
-            # target of its link in link mode. Kept as it is: no span or context made per task.
-            parent = current_context
-        # Also without a provider of bgtrace's own: the span may be another instrumentation's.
-        under_span = span.is_recording()
-        if under_span:
-            span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
+        # An empty context holds no span (no OpenTelemetry in this request): nothing to look up.
+        if current_context:
+            span = trace.get_current_span(current_context)
+            if tracing and span.get_span_context().is_valid:
+                # The context as it is now: its span is the task span's parent in child mode,
+                # the target of its link in link mode. Kept as it is: no span or context made
+                # per task.
+                parent = current_context
+            # Also without a provider of bgtrace's own: the span may be another
+            # instrumentation's.
+            under_span = span.is_recording()
+            if under_span:
+                span.add_event(EVENT_ENQUEUED, {ATTR_FUNCTION: name, ATTR_ORIGIN: origin})
+                under_own_span = state is not None and span is state.own_span
     except Exception:
         logs.internal_error("task queued span")
     series = config.metrics.series(name, origin, route)
@@ -376,12 +381,13 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         tracing,
     )
     # Another instrumentation opens a task span around the call only where it traces: under
-    # its request span (recording now); through OpenTelemetry's class patch, when it wraps
-    # bgtrace's (also for URLs its middleware excludes, as a trace of its own; bgtrace's
-    # wrapper outside it calls Starlette's method past it); or where FastAPI's telemetry
-    # serves this request. Outside a live request nothing is known: look.
+    # its request span (recording now; not bgtrace's own, which it opened because nobody
+    # traced the request); through OpenTelemetry's class patch, when it wraps bgtrace's (also
+    # for URLs its middleware excludes, as a trace of its own; bgtrace's wrapper outside it
+    # calls Starlette's method past it); or where FastAPI's telemetry serves this request.
+    # Outside a live request nothing is known: look.
     record.may_adopt = (
-        under_span
+        (under_span and not under_own_span)
         or state is None
         or not live
         or background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL, STARLETTE_TASK_CALL)

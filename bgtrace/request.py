@@ -29,8 +29,8 @@ _ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_r
 class RequestState:
     __slots__ = (
         "_path", "_route", "background_ran", "closed", "config", "frame_id", "live_scope",
-        "on_response_sent", "records", "response_done_at", "root_path", "router_app", "status",
-        "stop_code", "tracing",
+        "on_response_sent", "own_span", "records", "response_done_at", "root_path", "router_app",
+        "status", "stop_code", "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -53,6 +53,9 @@ class RequestState:
         # Called with this state once the response is over. Never a closure over the state
         # itself: that would put every request in a reference cycle (see response_sent).
         self.on_response_sent: Callable[[RequestState], None] | None = None
+        # The request span bgtrace opened, if it did: a task queued under it is queued where
+        # no other instrumentation traces the request (see records._queued).
+        self.own_span: object = None
         self._route: Resolved | None = None
         # The middleware call that serves this request (our caller): the event-loop watchdog
         # finds the request a blocked stack belongs to by it. An id, not the frame: the frame
@@ -101,6 +104,7 @@ class RequestState:
         self.records = ENDED
         self.router_app = None
         self.on_response_sent = None
+        self.own_span = None
 
     def route(self) -> Resolved:
         found = self._route

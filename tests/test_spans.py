@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import pytest
+from fastapi import BackgroundTasks
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+from bgtrace import records
 from tests import apps
 
 ROUTE = "/send-notification/{email}"
@@ -77,6 +80,45 @@ def test_enqueued_event_on_the_span_current_at_queue_time(
         ("bgtask.enqueued", {"code.function.name": "tests.apps.write_notification",
                              "bgtask.origin": "handler"}),
     ]  # fmt: skip
+
+
+def test_only_tasks_queued_under_a_span_not_bgtraces_own_look_for_another_instrumentations(
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under bgtrace's own request span nobody else traces the request: no task span of another
+    # instrumentation to adopt, so none is looked for (the look is most of a task span's
+    # bookkeeping). Under a span the app opened itself, bgtrace cannot know: it looks.
+    looked: list[str] = []
+    look = records.foreign_task_span
+
+    def counting_look() -> trace.Span | None:
+        looked.append("looked")
+        return look()
+
+    monkeypatch.setattr(records, "foreign_task_span", counting_look)
+    app = apps.tutorial_app(registry=registry, tracer_provider=tracer_provider)
+    tracer = tracer_provider.get_tracer("the app's own")
+
+    @app.post("/own-span")
+    async def own_span(background_tasks: BackgroundTasks) -> dict[str, str]:
+        with tracer.start_as_current_span("the app's span"):
+            background_tasks.add_task(apps.write_notification, "x")
+        return {}
+
+    client = TestClient(app)
+    client.post("/send-notification/x?q=1")
+    assert looked == []
+    assert {"bgtask write_notification", "bgtask write_log"} <= set(_by_name(exporter))
+    exporter.clear()
+    client.post("/own-span")
+    assert looked == ["looked"]
+    spans = _by_name(exporter)
+    task = spans["bgtask write_notification"]
+    assert task.parent is not None
+    assert task.parent.span_id == spans["the app's span"].context.span_id
 
 
 def test_link_mode_starts_a_new_trace_linked_to_the_request(
