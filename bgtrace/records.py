@@ -190,9 +190,10 @@ class TaskRecord:
         if self.config.trace_mode == "child" or not self.tracing:
             # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
             # instrumentor may have one, and their task span takes bgtrace's attributes. Where
-            # neither can have opened one (see may_adopt), the lookup (most of a task's span
-            # work without tracing) is skipped.
-            foreign = foreign_task_span() if self.may_adopt else None
+            # neither can have opened one (see may_adopt, _others_trace_now), the lookup (most
+            # of a task's span work without tracing) is skipped.
+            if self.may_adopt or _others_trace_now():
+                foreign = foreign_task_span()
             if foreign is None and not self.tracing:
                 return
         attributes: dict[str, AttributeValue] = {
@@ -301,6 +302,24 @@ class TaskRecord:
                 inflight.observer_failed("dropped")
 
 
+def _others_trace_now() -> bool:
+    """Whether another instrumentation may open a span around the task starting now, where
+    none of theirs was current when it was queued: OpenTelemetry's class patch wrapping
+    bgtrace's (installed whenever the instrumentor instruments any app; it also traces the
+    URLs its middleware excludes, as traces of their own; bgtrace's wrapper outside it calls
+    Starlette's method past it), or FastAPI's telemetry serving the request the task runs in
+    (its ``BackgroundTasks`` open a span around each task, wherever it was queued)."""
+    saved = background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL, STARLETTE_TASK_CALL)
+    if saved is not STARLETTE_TASK_CALL:
+        return True
+    state = current.get()
+    return (
+        state is None
+        or state.closed
+        or state.live_scope.get(FASTAPI_TELEMETRY_SCOPE_KEY) is not None
+    )
+
+
 def sampled_trace_id(span: trace.Span) -> str | None:
     """The span's trace id when it is sampled: for the exemplar and the failure log."""
     global _last_trace_id
@@ -380,20 +399,14 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         parent,
         tracing,
     )
-    # Another instrumentation opens a task span around the call only where it traces: under
-    # its request span (recording now; not bgtrace's own, which it opened because nobody
-    # traced the request); through OpenTelemetry's class patch, when it wraps bgtrace's (also
-    # for URLs its middleware excludes, as a trace of its own; bgtrace's wrapper outside it
-    # calls Starlette's method past it); or where FastAPI's telemetry serves this request.
-    # Outside a live request nothing is known: look.
-    record.may_adopt = (
-        (under_span and not under_own_span)
-        or state is None
-        or not live
-        or background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL, STARLETTE_TASK_CALL)
-        is not STARLETTE_TASK_CALL
-        or state.live_scope.get(FASTAPI_TELEMETRY_SCOPE_KEY) is not None
-    )
+    # Whether another instrumentation's span was current where the task was queued: it may
+    # open a span around the task's call too. Not bgtrace's own request span: bgtrace opens it
+    # only where no HTTP instrumentation is seen, and an instrumentation that traces inside the
+    # app (FastAPI's telemetry, also inside a middleware bgtrace wraps by hand) makes a span of
+    # its own current there, so a task queued right under bgtrace's span was queued outside
+    # any of theirs. What can still open a span around the task without one current here is
+    # checked as the task starts (_others_trace_now). Outside a live request nothing is known.
+    record.may_adopt = (under_span and not under_own_span) or state is None or not live
     with series.lock:
         series.queued()
     inflight.add(record)

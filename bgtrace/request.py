@@ -53,8 +53,8 @@ class RequestState:
         # Called with this state once the response is over. Never a closure over the state
         # itself: that would put every request in a reference cycle (see response_sent).
         self.on_response_sent: Callable[[RequestState], None] | None = None
-        # The request span bgtrace opened, if it did: a task queued under it is queued where
-        # no other instrumentation traces the request (see records._queued).
+        # The request span bgtrace opened, if it did: a task queued right under it was queued
+        # outside any other instrumentation's span (see records._queued).
         self.own_span: object = None
         self._route: Resolved | None = None
         # The middleware call that serves this request (our caller): the event-loop watchdog

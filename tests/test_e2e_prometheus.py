@@ -344,9 +344,10 @@ def check_scraped_app(prometheus: Prometheus, traffic: Traffic, workers: int = 2
 
     # The Why rules need minutes of trouble to fire (their `for:`), but what they compare with
     # their threshold has data: a series per task that blocked the loop, one for the instance.
-    # The threadpool rule's subquery steps on whole minutes, so it has a point only once a
-    # minute began after the first scrape: evaluated as the rules will be at the next whole
-    # minute (from the samples stored by then), not waited for (up to a minute, each run).
+    # The threadpool rule's subquery steps on whole minutes, so evaluated now it has a point
+    # only once a minute began after the first scrape: evaluated at the next whole minute
+    # instead (from the samples stored now: the app keeps serving until then), not waited
+    # for (up to a minute, each run).
     rules = {r["name"]: r["query"] for r in prometheus.get("/api/v1/rules")["groups"][0]["rules"]}
     measured: dict[str, list[dict[str, Any]]] = {}
 

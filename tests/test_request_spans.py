@@ -408,6 +408,39 @@ def test_one_span_per_task_on_a_url_the_fastapi_instrumentor_excludes(
     otel_fastapi.uninstrument_app(app)
 
 
+@pytest.mark.parametrize("patched", ["before the request", "after the task was queued"])
+def test_one_span_per_task_under_bgtraces_request_span_while_the_instrumentor_patches_another_app(
+    otel_fastapi: Any,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    patched: str,
+) -> None:
+    """The instrumentor's class patch is process-wide: once it instruments any app, its
+    wrapper opens a span around every task (0.63b0+), also a task of an app it does not
+    instrument, whose request span bgtrace opened itself. One span per task, bgtrace's name
+    and attributes on it; also when the patch arrives after the task was queued (bgtrace looks
+    for it as the task starts)."""
+    other = FastAPI()
+    if patched == "before the request":
+        otel_fastapi.instrument_app(other, tracer_provider=tracer_provider)
+    app = FastAPI()
+
+    @app.post("/notify")
+    async def notify(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_notification, "x")
+        if patched == "after the task was queued":
+            otel_fastapi.instrument_app(other, tracer_provider=tracer_provider)
+
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, tracer_provider=tracer_provider)
+    assert TestClient(app).post("/notify").status_code == 200
+    assert [s.name for s in _server_spans(exporter)] == ["POST /notify"]  # bgtrace's own
+    (task,) = _task_spans(exporter)
+    assert task.name == "bgtask write_notification"
+    assert task.attributes is not None and task.attributes["bgtask.origin"] == "handler"
+    otel_fastapi.uninstrument_app(other)
+
+
 @pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
 def test_one_span_per_task_with_fastapi_telemetry_inside_a_hand_wrapped_middleware(
     registry: CollectorRegistry, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
