@@ -88,9 +88,11 @@ def test_only_tasks_queued_under_a_span_not_bgtraces_own_look_for_another_instru
     exporter: InMemorySpanExporter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Under bgtrace's own request span nobody else traces the request: no task span of another
-    # instrumentation to adopt, so none is looked for (the look is most of a task span's
-    # bookkeeping). Under a span the app opened itself, bgtrace cannot know: it looks.
+    # A task queued right under bgtrace's own request span was queued outside any other
+    # instrumentation's span, and neither OpenTelemetry's class patch nor FastAPI's telemetry
+    # is here: no task span of theirs to adopt, so none is looked for (the look is most of a
+    # task span's bookkeeping). Under a span the app opened itself, bgtrace cannot know: it
+    # looks.
     looked: list[str] = []
     look = records.foreign_task_span
 
