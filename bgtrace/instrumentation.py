@@ -129,7 +129,7 @@ def instrument() -> None:
     with _lock:
         for cls, name, factory in _targets():
             target = (cls, name)
-            if target in _wrappers:
+            if target in _wrappers and not _lost(cls, name, _wrappers[target]):
                 # Still in place (maybe under another instrumentation's wrapper): reuse it.
                 continue
             _install(cls, name, factory)
@@ -152,7 +152,8 @@ def _install(cls: type, name: str, factory: Callable[[Any], Any]) -> None:
 def _snapshot() -> None:
     # ensure_instrumented() runs per request: give it a tuple of just the method another
     # library is known to put back (BackgroundTask.__call__), not a dict to copy.
-    global _installed
+    global _installed, _holding
+    _holding = None
     _installed = tuple(
         (cls, name, wrapper)
         for (cls, name), wrapper in _wrappers.items()
@@ -161,20 +162,62 @@ def _snapshot() -> None:
 
 
 def ensure_instrumented() -> None:
-    """Wrap again where another library's uninstrument put the framework's own method back.
+    """Wrap again where another library's uninstrument dropped our wrapper from the chain.
 
     OpenTelemetry's ``uninstrument_app()`` restores the method it found, dropping a wrapper
-    installed after it; without this, queued tasks would run unmeasured. Cheap: a few dict
-    lookups, called once per request.
+    installed after it (and its next ``instrument_app()`` wraps that method alone); without
+    this, queued tasks would run unmeasured and be counted dropped. Cheap: a dict lookup and
+    an identity check or two, called once per request.
     """
+    global _holding
     if not _enabled:
         return
     for cls, name, wrapper in _installed:
         current = cls.__dict__.get(name)
-        if current is not wrapper and getattr(current, "__module__", None) == cls.__module__:
+        if current is wrapper or current is _holding:
+            continue
+        if _lost(cls, name, wrapper):
             with _lock:
                 if cls.__dict__.get(name) is current and _enabled:
                     _install(cls, name, _factories[(cls, name)])
+        else:
+            # Another library's wrapper over ours (what it calls cannot change while it is in
+            # place): not walked again on every request.
+            _holding = current
+
+
+# The method last found to hold our wrapper under it, see ensure_instrumented.
+_holding: object = None
+
+
+# OpenTelemetry's task wrapper is defined in this module; it keeps what it wraps on the class
+# (spans.OTEL_SAVED_CALL), having no ``__wrapped__``.
+_OTEL_FASTAPI_MODULE = "opentelemetry.instrumentation.fastapi"
+# Wrappers followed down at most (a guard against a chain that loops).
+_MAX_DEPTH = 16
+
+
+def _lost(cls: type, name: str, wrapper: Any) -> bool:
+    """Whether ``wrapper`` is known to be out of what ``cls.name`` calls: another library's
+    uninstrument put back the method it found under ours (OpenTelemetry's ``uninstrument_app``
+    restores Starlette's own, dropping a wrapper of ours installed after its own, and its next
+    ``instrument_app`` wraps Starlette's method alone). Followed down through ``__wrapped__``
+    and OpenTelemetry's saved method to the framework's own; a wrapper whose inside is unknown
+    counts as holding ours: wrapping again there would count each task twice."""
+    method = cls.__dict__.get(name)
+    for _ in range(_MAX_DEPTH):
+        if method is wrapper:
+            return False
+        if getattr(method, "__module__", None) == cls.__module__:
+            return True  # the framework's own method, with nothing of ours above it
+        inner = getattr(method, "__wrapped__", None)
+        if inner is None and getattr(method, "__module__", None) == _OTEL_FASTAPI_MODULE:
+            # Looked up here, each time: the instrumentor's private name, absent when none.
+            inner = cls.__dict__.get(OTEL_SAVED_CALL)
+        if inner is None or inner is method:
+            return False
+        method = inner
+    return False
 
 
 def uninstrument() -> None:
@@ -191,6 +234,10 @@ def uninstrument() -> None:
             wrapper = _wrappers[target]
             if wrapper is not None and cls.__dict__.get(name) is wrapper:
                 setattr(cls, name, _originals.pop(target))
+                del _wrappers[target]
+            elif _lost(cls, name, wrapper):
+                # Already dropped by another library's uninstrument: nothing to put back.
+                _originals.pop(target, None)
                 del _wrappers[target]
         _snapshot()
 

@@ -178,6 +178,55 @@ def test_opentelemetry_fastapi_instrumentor_one_span_per_task(
     assert samples.total("bgtask_dropped_total") == 0
 
 
+def test_opentelemetry_fastapi_instrumentor_instrumenting_again_after_dropping_bgtraces_wrapper(
+    otel_instrumentor: type,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    samples: Samples,
+) -> None:
+    """A test suite that instruments and uninstruments an app per test: the instrumentor's
+    ``uninstrument_app`` puts back Starlette's method it found, dropping bgtrace's wrapper
+    installed on top of its own; its next ``instrument_app`` wraps Starlette's method alone.
+    bgtrace must notice that its wrapper left the chain (not count the tasks it no longer sees
+    start as dropped)."""
+    app = _app(registry, tracer_provider)
+    client = TestClient(app, raise_server_exceptions=False)
+    bgtrace.uninstrument()
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 patch no BackgroundTask.__call__")
+    bgtrace.instrument()  # ours on top of theirs
+    otel_instrumentor.uninstrument_app(app)  # type: ignore[attr-defined]
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    app.middleware_stack = None  # uninstrument_app built one without theirs
+    bgtrace.instrument()  # as each new middleware does: must not take the lost wrapper as there
+    exporter.clear()
+    client.post("/notify/a@b.c")
+    _assert_one_span_per_task_in_request_trace(
+        exporter, {"bgtask write_notification", "bgtask fail"}
+    )
+    assert samples.total("bgtask_completed_total", outcome="failure") == 1
+    assert samples.total("bgtask_completed_total", outcome="success") == 1
+    assert samples.total("bgtask_dropped_total") == 0
+
+    # Without instrument() again (a middleware built once): each request notices it too.
+    otel_instrumentor.uninstrument_app(app)  # type: ignore[attr-defined]
+    bgtrace.uninstrument()
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    bgtrace.instrument()  # ours on top of theirs again
+    otel_instrumentor.uninstrument_app(app)  # type: ignore[attr-defined]
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    app.middleware_stack = None  # uninstrument_app built one without theirs
+    exporter.clear()
+    client.post("/notify/a@b.c")
+    _assert_one_span_per_task_in_request_trace(
+        exporter, {"bgtask write_notification", "bgtask fail"}
+    )
+    assert samples.total("bgtask_completed_total", outcome="failure") == 2
+    assert samples.total("bgtask_dropped_total") == 0
+
+
 def test_other_prometheus_middlewares_share_the_default_registry() -> None:
     """prometheus-fastapi-instrumentator and starlette-exporter beside bgtrace, default registry.
 

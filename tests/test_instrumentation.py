@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 from fastapi import background as fastapi_background
 from fastapi.testclient import TestClient
@@ -67,6 +69,48 @@ def test_uninstrument_under_a_later_wrapper_switches_ours_off() -> None:
         assert bgtrace.instrumentation.is_instrumented()
     finally:
         background.BackgroundTask.__call__ = ours  # type: ignore[method-assign]
+
+
+def test_a_wrapper_that_dropped_ours_is_wrapped_again_one_that_holds_it_is_not(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Another library's wrapper with ``__wrapped__``: followed down through it.
+    Over Starlette's own method (its uninstrument put that back, dropping ours, and it wrapped
+    again), bgtrace wraps again, on the next request; over ours, it leaves it: each task is
+    counted exactly once either way."""
+    ours = background.BackgroundTask.__dict__["__call__"]
+    starlettes = bgtrace.records.STARLETTE_TASK_CALL
+
+    def wrapping(inner: Any) -> Any:
+        # Its own __module__ (functools.wraps' default copies the inner one's): only
+        # __wrapped__ tells what it calls.
+        @functools.wraps(inner, assigned=("__name__", "__qualname__", "__doc__"))
+        async def theirs(self: background.BackgroundTask) -> None:
+            await inner(self)
+
+        return theirs
+
+    client = TestClient(apps.tutorial_app(registry=registry))
+    try:
+        over_ours = wrapping(ours)
+        background.BackgroundTask.__call__ = over_ours  # type: ignore[method-assign]
+        client.post("/send-notification/x")
+        assert background.BackgroundTask.__dict__["__call__"] is over_ours
+        assert samples.total("bgtask_completed_total") == 1
+
+        over_starlettes = wrapping(starlettes)
+        background.BackgroundTask.__call__ = over_starlettes  # type: ignore[method-assign]
+        client.post("/send-notification/x")
+        again = background.BackgroundTask.__dict__["__call__"]
+        assert again is not over_starlettes
+        assert again.__wrapped__ is over_starlettes
+        assert samples.total("bgtask_completed_total") == 2
+        assert samples.total("bgtask_dropped_total") == 0
+        assert len(apps.done) == 2
+    finally:
+        bgtrace.uninstrument()
+        background.BackgroundTask.__call__ = starlettes  # type: ignore[method-assign]
+        bgtrace.instrument()
 
 
 def test_bgtrace_background_tasks_measured_without_class_patching() -> None:
