@@ -23,6 +23,7 @@ from .records import (
     task_starting,
     tasks_interrupted,
     track,
+    will_open_span,
 )
 from .spans import OTEL_SAVED_CALL
 
@@ -66,9 +67,13 @@ def _wrap_task_call(
         if task_hold is not None and task_hold(self):
             return
         # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
-        # directly: our span, in the same trace, replaces theirs, so each task has one span.
+        # directly where bgtrace opens a span of its own for the task: ours, in the same
+        # trace, replaces theirs, so each task has one span. Where bgtrace opens none (no
+        # provider of its own or global: theirs is the instrumentor's alone), theirs runs.
+        call = original
         saved = background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL)
-        call = saved if saved is _TASK_CALL and original is not saved else original
+        if saved is _TASK_CALL and original is not saved and will_open_span(self):
+            call = saved
         record = task_starting(self, call)
         if record is None:
             await call(self)
@@ -100,6 +105,16 @@ def _wrap_tasks_call(
             raise
 
     return __call__
+
+
+# The code every wrapper of ours runs, whatever it wraps: bgtrace never wraps itself.
+_WRAPPER_CODES = frozenset(
+    (
+        _wrap_init(background.BackgroundTask.__init__).__code__,
+        _wrap_task_call(_TASK_CALL).__code__,
+        _wrap_tasks_call(_TASK_CALL).__code__,
+    )
+)
 
 
 def _targets() -> list[tuple[type, str, Callable[[Any], Any]]]:
@@ -178,8 +193,12 @@ def ensure_instrumented() -> None:
             continue
         if _lost(cls, name, wrapper):
             with _lock:
-                if cls.__dict__.get(name) is current and _enabled:
-                    _install(cls, name, _factories[(cls, name)])
+                # Again under the lock, against the wrapper installed now: another thread may
+                # have wrapped again since this one read the snapshot.
+                target = (cls, name)
+                now = _wrappers.get(target)
+                if _enabled and now is not None and _lost(cls, name, now):
+                    _install(cls, name, _factories[target])
         else:
             # Another library's wrapper over ours (what it calls cannot change while it is in
             # place): not walked again on every request.
@@ -206,7 +225,8 @@ def _lost(cls: type, name: str, wrapper: Any) -> bool:
     counts as holding ours: wrapping again there would count each task twice."""
     method = cls.__dict__.get(name)
     for _ in range(_MAX_DEPTH):
-        if method is wrapper:
+        if method is wrapper or getattr(method, "__code__", None) in _WRAPPER_CODES:
+            # Ours (or an earlier wrapper of ours, which measures as well): never wrapped again.
             return False
         if getattr(method, "__module__", None) == cls.__module__:
             return True  # the framework's own method, with nothing of ours above it

@@ -191,11 +191,17 @@ def _forgetting_at_shutdown(send: Send) -> Send:
 
 
 def _route_path(scope: Scope) -> str:
-    """The path below ``root_path``: servers put the root path in front of ``path``."""
+    """The path below ``root_path``: servers put the root path in front of ``path``. As
+    Starlette routes it: the root path ends where the path ends or a ``/`` follows (a root
+    path of ``/``, or ``/api`` in front of ``/apis``, is no prefix)."""
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
     if root_path and path.startswith(root_path):
-        return path[len(root_path) :] or "/"
+        rest = path[len(root_path) :]
+        if not rest:
+            return "/"
+        if rest[0] == "/":
+            return rest
     return path
 
 

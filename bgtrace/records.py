@@ -353,6 +353,18 @@ def track(task: Any, caller: types.FrameType | None = None) -> None:
         logs.internal_error("task queued")
 
 
+def will_open_span(task: Any) -> bool:
+    """Whether the run of ``task`` starting now gets a task span of bgtrace's own: bgtrace
+    traces where it was queued, or, made while bgtrace was off, where it starts."""
+    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
+    if record is not None:
+        return record.tracing
+    state = current.get()
+    if state is not None and not state.closed:
+        return state.tracing
+    return (state.config if state is not None else default_config()).tracing()
+
+
 def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> TaskRecord:
     """A new record for ``task``, counted as queued now."""
     state = current.get()
@@ -452,9 +464,12 @@ def task_starting(task: Any, call: Callable[[Any], Awaitable[None]]) -> TaskReco
     only claimed (``CLAIMED``) for a def task that ``run_in_thread`` starts in its thread."""
     background_starting()
     record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
+    in_thread = call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True)
     if record is None:
-        return None
-    if call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True):
+        # Made while bgtrace was off (one built at import, before the middleware was built,
+        # and handed to every response): each run is queued as it starts, where it starts.
+        return _run_again(task, claim=in_thread)
+    if in_thread:
         return record if record.claim() else _run_again(task, claim=True)
     return record if record.start(claimed=False) else _run_again(task, claim=False)
 

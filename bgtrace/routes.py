@@ -84,7 +84,9 @@ def _frontend(scope: Scope, fastapi_scope: dict[str, Any]) -> Resolved | None:
         return None
     root_path = scope.get("root_path", "")
     if root_path and path.startswith(root_path):
-        path = path[len(root_path) :]
+        below = path[len(root_path) :]
+        if below[:1] in ("/", ""):  # as Starlette routes: a root path ends at a "/"
+            path = below
     if not path.endswith(rest):
         return None
     template = path[: len(path) - len(rest)].rstrip("/") + "/{path}"

@@ -4,6 +4,7 @@ import asyncio
 import functools
 from typing import Any
 
+import pytest
 from fastapi import background as fastapi_background
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -107,6 +108,36 @@ def test_a_wrapper_that_dropped_ours_is_wrapped_again_one_that_holds_it_is_not(
         assert samples.total("bgtask_completed_total") == 2
         assert samples.total("bgtask_dropped_total") == 0
         assert len(apps.done) == 2
+    finally:
+        bgtrace.uninstrument()
+        background.BackgroundTask.__call__ = starlettes  # type: ignore[method-assign]
+        bgtrace.instrument()
+
+
+def test_a_request_that_read_the_wrappers_before_another_thread_wrapped_again_adds_none(
+    registry: CollectorRegistry, samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's check reads the installed wrappers without the lock. Thread A read them
+    while our wrapper was lost (the framework's own method put back over it); thread B then
+    built a middleware, which wrapped again. A's check must not wrap over B's wrapper: every
+    task would run through bgtrace twice and count twice."""
+    lost = background.BackgroundTask.__dict__["__call__"]
+    starlettes = bgtrace.records.STARLETTE_TASK_CALL
+    client = TestClient(apps.tutorial_app(registry=registry))
+    try:
+        background.BackgroundTask.__call__ = starlettes  # type: ignore[method-assign]
+        stale = bgtrace.instrumentation._installed
+        assert stale[0][2] is lost
+        bgtrace.instrument()  # thread B
+        again = background.BackgroundTask.__dict__["__call__"]
+        assert again is not lost and again.__wrapped__ is starlettes
+        monkeypatch.setattr(bgtrace.instrumentation, "_installed", stale)
+        bgtrace.instrumentation.ensure_instrumented()  # thread A, with what it read before
+        assert background.BackgroundTask.__dict__["__call__"] is again
+        monkeypatch.undo()
+        client.post("/send-notification/x")
+        assert samples.total("bgtask_enqueued_total") == 1
+        assert samples.total("bgtask_completed_total") == 1
     finally:
         bgtrace.uninstrument()
         background.BackgroundTask.__call__ = starlettes  # type: ignore[method-assign]

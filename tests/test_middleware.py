@@ -267,16 +267,43 @@ def test_handler_that_queues_on_background_tasks_it_built_counts(
                    route="/manual", outcome="success") == 1  # fmt: skip
 
 
-def test_metrics_served_under_the_servers_root_path(registry: CollectorRegistry) -> None:
-    """Regression: behind `uvicorn --root-path /api` (path "/api/metrics") /metrics was 404."""
+@pytest.mark.parametrize(
+    ("root_path", "path", "served"),
+    [("/api", "/api/metrics", True), ("/", "/metrics", True), ("/api", "/apimetrics", False)],
+)
+def test_metrics_served_under_the_servers_root_path(
+    registry: CollectorRegistry, root_path: str, path: str, served: bool
+) -> None:
+    """Regression: behind `uvicorn --root-path /api` (path "/api/metrics") /metrics was 404;
+    with a root path of "/" too. A root path ends where a "/" follows, as Starlette routes."""
     import asyncio
 
     from tests.asgi import call, status
 
     app = apps.tutorial_app(registry=registry)
-    sent = asyncio.run(call(app, "/api/metrics", method="GET", root_path="/api"))
-    assert status(sent) == 200
-    assert b"bgtask_" in b"".join(m.get("body", b"") for m in sent)
+    sent = asyncio.run(call(app, path, method="GET", root_path=root_path))
+    body = b"".join(m.get("body", b"") for m in sent)
+    assert (status(sent), b"bgtask_" in body) == ((200, True) if served else (404, False))
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path", "below"),
+    [
+        ("", "/metrics", "/metrics"),
+        ("/", "/metrics", "/metrics"),
+        ("/", "/", "/"),
+        ("/api", "/api", "/"),
+        ("/api", "/api/metrics", "/metrics"),
+        ("/api", "/apimetrics", "/apimetrics"),
+        ("/api/", "/api/metrics", "/api/metrics"),
+    ],
+)
+def test_the_path_below_the_root_path_is_starlettes(root_path: str, path: str, below: str) -> None:
+    """As Starlette 1.x routes (``starlette._utils.get_route_path``; 0.37 still cut the root
+    path anywhere): the root path ends where the path ends or a "/" follows."""
+    from bgtrace.middleware import _route_path
+
+    assert _route_path({"path": path, "root_path": root_path}) == below
 
 
 def test_nested_middlewares_record_once_with_the_whole_route(

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.background import BackgroundTask
 
+import bgtrace
 from bgtrace import BackgroundTaskMiddleware
 from tests import apps
 from tests.asgi import call
@@ -249,6 +250,36 @@ def test_shared_task_object_run_by_concurrent_responses_counts_each_run(backend:
     assert samples.total("bgtask_enqueued_total", task=name) == enqueued + 3
     assert samples.total("bgtask_queue_length", task=name) == 0
     assert samples.total("bgtask_in_progress", task=name) == 0
+
+
+def test_shared_task_object_built_before_bgtrace_was_on_counts_each_run_where_it_runs(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression: a module-level BackgroundTask built at import, before the middleware was
+    built (which is when bgtrace patches the classes), carried no record: every run went
+    unmeasured. Each run is now queued as it starts, in the request whose response runs it."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    bgtrace.uninstrument()
+    flush = BackgroundTask(apps.async_log, "flush")  # "at import"
+    bgtrace.instrument()
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=flush)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+    client = TestClient(app)
+    for _ in range(3):
+        client.get("/")
+    labels = {"task": "tests.apps.async_log", "origin": "other", "route": "/"}
+    assert samples("bgtask_enqueued_total", **labels) == 3
+    assert samples("bgtask_completed_total", outcome="success", **labels) == 3
+    assert samples.total("bgtask_queue_length") == 0
+    assert samples.total("bgtask_dropped_total") == 0
 
 
 def test_task_queued_after_its_request_ended_is_not_left_queued(
