@@ -20,6 +20,7 @@ from .records import (
     STARLETTE_TASK_CALL,
     background_starting,
     run_in_thread,
+    run_through,
     task_starting,
     tasks_interrupted,
     track,
@@ -71,12 +72,19 @@ def _wrap_task_call(
         # trace, replaces theirs, so each task has one span. Where bgtrace opens none (no
         # provider of its own or global: theirs is the instrumentor's alone), theirs runs.
         call = original
+        through = False
         saved = background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL)
-        if saved is _TASK_CALL and original is not saved and will_open_span(self):
-            call = saved
-        record = task_starting(self, call)
+        if saved is _TASK_CALL and original is not saved:
+            if will_open_span(self):
+                call = saved
+            else:
+                # bgtrace opens no span: theirs runs, and the task starts inside it.
+                through = True
+        record = task_starting(self, threaded="through" if through else call is _TASK_CALL)
         if record is None:
             await call(self)
+        elif through and record.status == CLAIMED:
+            await run_through(self, record, call)
         elif record.status == CLAIMED:
             await run_in_thread(self, record)
         else:

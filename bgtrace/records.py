@@ -8,6 +8,7 @@ bgtrace's own bookkeeping is logged and never reaches the app or the task.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
 import threading
 import types
@@ -16,7 +17,7 @@ from asyncio import current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -141,14 +142,19 @@ class TaskRecord:
             self.claimed_at = perf_counter()
             return True
 
-    def start(self, claimed: bool = True) -> bool:
+    def start(self, claimed: bool = True, on_loop: bool = False) -> bool:
         """Count the start (of a claimed task, or straight from the queue); ``False`` when
-        the task was already taken, dropped or ended."""
+        the task was already taken, dropped or ended. ``on_loop``: a claimed async task, on
+        its event loop (see run_through)."""
         now = perf_counter()
         series = self.series
         try:
             # bgtask_thread_wait_seconds: a def task's wait for a threadpool thread.
-            thread_wait = self.config.metrics.thread_wait_for(series.labels) if claimed else None
+            thread_wait = (
+                self.config.metrics.thread_wait_for(series.labels)
+                if claimed and not on_loop
+                else None
+            )
             with series.lock:
                 if self.status != (CLAIMED if claimed else QUEUED):
                     return False
@@ -163,7 +169,7 @@ class TaskRecord:
                     thread_wait.dirty = True
         except Exception:
             logs.internal_error("task start metrics")
-        if not claimed:
+        if on_loop or not claimed:
             # On its event loop's thread (a claimed def task starts in a worker's): where the
             # stuck check looks for it.
             try:
@@ -355,14 +361,19 @@ def track(task: Any, caller: types.FrameType | None = None) -> None:
 
 def will_open_span(task: Any) -> bool:
     """Whether the run of ``task`` starting now gets a task span of bgtrace's own: bgtrace
-    traces where it was queued, or, made while bgtrace was off, where it starts."""
-    record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
-    if record is not None:
-        return record.tracing
-    state = current.get()
-    if state is not None and not state.closed:
-        return state.tracing
-    return (state.config if state is not None else default_config()).tracing()
+    traces where it was queued, or, for a run queued as it starts (a task made while bgtrace
+    was off, or run again), where it starts."""
+    try:
+        record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
+        if record is not None and record.status == QUEUED:
+            return record.tracing
+        state = current.get()
+        if state is not None and not state.closed:
+            return state.tracing
+        return (state.config if state is not None else default_config()).tracing()
+    except Exception:
+        logs.internal_error("task span check")
+        return False
 
 
 def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> TaskRecord:
@@ -458,13 +469,14 @@ def _run_again(task: Any, *, claim: bool) -> TaskRecord | None:
     return record
 
 
-def task_starting(task: Any, call: Callable[[Any], Awaitable[None]]) -> TaskRecord | None:
-    """The record of the run of ``task`` about to start through ``call`` (the original
-    ``BackgroundTask.__call__``), or ``None`` to run it unmeasured. The record is started, or
-    only claimed (``CLAIMED``) for a def task that ``run_in_thread`` starts in its thread."""
+def task_starting(task: Any, *, threaded: bool | Literal["through"]) -> TaskRecord | None:
+    """The record of the run of ``task`` about to start, or ``None`` to run it unmeasured.
+    The record is started, or only claimed (``CLAIMED``) where the caller starts it later:
+    a def task that ``run_in_thread`` starts in its thread (``threaded``), any task that
+    ``run_through`` starts inside another instrumentation's span (``threaded="through"``)."""
     background_starting()
     record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
-    in_thread = call is STARLETTE_TASK_CALL and not getattr(task, "is_async", True)
+    in_thread = threaded == "through" or (threaded and not getattr(task, "is_async", True))
     if record is None:
         # Made while bgtrace was off (one built at import, before the middleware was built,
         # and handed to every response): each run is queued as it starts, where it starts.
@@ -490,14 +502,81 @@ async def run_in_thread(task: Any, record: TaskRecord) -> None:
     try:
         await run_in_threadpool(_ThreadStart(task.func, record), *task.args, **task.kwargs)
     except BaseException as exc:
-        if record.status == CLAIMED:
-            # Cancelled while waiting for a thread: it never started.
-            record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
-        elif is_cancellation(exc):
-            # Cancelled while its thread runs on (a thread cannot be stopped; at shutdown the
-            # process may die first): its request is over, count it cancelled now.
-            record.finish(exc, same_thread=False)
+        _interrupted(record, exc)
         raise
+
+
+async def run_through(
+    task: Any, record: TaskRecord, through: Callable[[Any], Awaitable[None]]
+) -> None:
+    """A claimed task run through another instrumentation's ``BackgroundTask.__call__``
+    (OpenTelemetry's, wrapping Starlette's: its span opens around the task) and started
+    inside it, so that bgtrace takes their span over as where theirs is outside bgtrace's.
+    Called with a copy of the task whose function starts and ends the record (in its worker
+    thread for a def task, as run_in_thread): Starlette's own method, under theirs, runs it.
+    The task object itself is not touched."""
+    # Their span opens around the task's start: looked for there, whatever was current where
+    # the run was queued (a run queued as it starts, after the request span ended, saw none).
+    record.may_adopt = True
+    try:
+        stand_in = copy.copy(task)
+        is_async = getattr(task, "is_async", True)
+        stand_in.func = (_LoopStart if is_async else _ThreadStart)(task.func, record)
+    except Exception:
+        logs.internal_error("task stand-in")
+        stand_in = None
+    if stand_in is None:
+        # Theirs runs the task itself; bgtrace counts it from here, on the loop.
+        record.start(on_loop=True)
+    try:
+        await through(task if stand_in is None else stand_in)
+    except BaseException as exc:
+        if stand_in is None:
+            record.finish(exc)
+        else:
+            _interrupted(record, exc)
+        raise
+    if stand_in is None:
+        record.finish(None)
+
+
+def _interrupted(record: TaskRecord, exc: BaseException) -> None:
+    """A claimed task's run ended in ``exc`` outside the task's own code (see _ThreadStart)."""
+    if record.status == CLAIMED:
+        # Cancelled while waiting for a thread: it never started.
+        record.drop(CANCELLED if is_cancellation(exc) else EARLIER_TASK_FAILED)
+    elif is_cancellation(exc) and record.status == RUNNING:
+        # Cancelled while its thread runs on (a thread cannot be stopped; at shutdown the
+        # process may die first): its request is over, count it cancelled now.
+        record.finish(exc, same_thread=False)
+
+
+class _LoopStart:
+    """Runs a claimed async task on its event loop, recording start and end there."""
+
+    __slots__ = ("func", "record")
+
+    def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
+        self.func = func
+        self.record = record
+
+    @property
+    def __name__(self) -> str:
+        # OpenTelemetry's wrapper names its span after the task's function (see run_through).
+        func = self.func
+        return str(getattr(func, "__name__", type(func).__name__))
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        record = self.record
+        if not record.start(on_loop=True):
+            return await self.func(*args, **kwargs)  # counted dropped already: unmeasured
+        try:
+            result = await self.func(*args, **kwargs)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return result
 
 
 class _ThreadStart:
@@ -508,6 +587,12 @@ class _ThreadStart:
     def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
         self.func = func
         self.record = record
+
+    @property
+    def __name__(self) -> str:
+        # OpenTelemetry's wrapper names its span after the task's function (see run_through).
+        func = self.func
+        return str(getattr(func, "__name__", type(func).__name__))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record

@@ -382,3 +382,18 @@ def test_importing_bgtrace_does_not_import_trio() -> None:
 
     check = "import sys, bgtrace, bgtrace.records; sys.exit('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], timeout=60).returncode == 0
+
+
+def test_the_span_check_before_a_task_starts_logs_bgtraces_error_and_answers_no(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (review): run where another instrumentation's wrapper is inside bgtrace's,
+    the check raised bgtrace's own error (a registry refusing bgtrace's metrics) into the app."""
+    from bgtrace.records import will_open_span
+
+    class NoDict:
+        __slots__ = ()
+
+    with caplog.at_level("ERROR", logger="bgtrace"):
+        assert will_open_span(NoDict()) is False
+    assert "task span check" in caplog.text
