@@ -161,6 +161,11 @@ class TaskRecord:
                 # The start time first: a finish from another thread reads it once it sees
                 # RUNNING.
                 self.started_at = now
+                if on_loop:
+                    # Claimed only to start once (run_through): an async task, which
+                    # claimed_at tells from a def task (the stuck check, OpenTelemetry's
+                    # thread wait).
+                    self.claimed_at = 0.0
                 self.thread = threading.get_ident()
                 self.status = RUNNING
                 series.started(now - self.enqueued_at)
@@ -520,6 +525,8 @@ async def run_through(
     record.may_adopt = True
     try:
         stand_in = copy.copy(task)
+        if stand_in is task:
+            raise TypeError("copy.copy returned the task itself")  # never touch the task
         is_async = getattr(task, "is_async", True)
         stand_in.func = (_LoopStart if is_async else _ThreadStart)(task.func, record)
     except Exception:

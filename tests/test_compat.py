@@ -175,6 +175,115 @@ def test_opentelemetry_fastapi_instrumentor_installed_first_keeps_its_task_span_
     assert samples.total("bgtask_thread_wait_seconds_count") == 2  # none for the async task
 
 
+def test_an_async_task_started_inside_the_instrumentors_span_is_still_an_async_task(
+    otel_instrumentor: type,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+) -> None:
+    """Regression (review): started inside the instrumentor's wrapper (installed first, no
+    span of bgtrace's own), an async task is claimed so that it starts once; it was then
+    taken for a def task: the stuck check read the loop thread's stack instead of where the
+    task waits, and OpenTelemetry's thread-wait histogram counted it."""
+    import threading
+    import time
+
+    import anyio
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from bgtrace import inflight, otel_metrics, stuck
+    from bgtrace.records import RUNNING
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    release = threading.Event()
+
+    async def waits_for_release() -> None:
+        while not release.is_set():
+            await anyio.sleep(0.01)
+
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry, meter_provider=meters)
+
+    @app.post("/wait")
+    async def queue(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(waits_for_release)
+
+    bgtrace.uninstrument()
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 open no span per task")
+    bgtrace.instrument()
+    found: list[str] = []
+
+    def probe() -> None:
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline and not found:
+                for record in inflight.snapshot():
+                    if record.status == RUNNING and record.name.endswith("waits_for_release"):
+                        found.append(stuck.location(record))
+                time.sleep(0.01)
+        finally:
+            release.set()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        TestClient(app).post("/wait")
+    finally:
+        release.set()
+        prober.join()
+        for recorder in list(otel_metrics._recorders.values()):
+            recorder.stop()
+        otel_metrics._recorders.clear()
+    assert found and "in waits_for_release" in found[0], found
+    data = reader.get_metrics_data()
+    waits = [
+        point
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if "thread_wait" in metric.name
+        for point in metric.data.data_points  # type: ignore[union-attr]
+    ]
+    assert sum(point.count for point in waits) == 0  # type: ignore[attr-defined]
+    meters.shutdown()
+
+
+def test_a_task_that_will_not_be_copied_is_not_touched_beside_the_instrumentor(
+    otel_instrumentor: type, registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Regression (review): bgtrace starts a task inside the instrumentor's wrapper on a
+    copy of it; a subclass whose ``__copy__`` returns itself had its function replaced, and
+    each later run counted under bgtrace's own stand-in's name."""
+    from starlette.responses import Response
+
+    class Uncopied(background.BackgroundTask):
+        def __copy__(self) -> Uncopied:
+            return self
+
+    app = FastAPI()
+    app.add_middleware(BackgroundTaskMiddleware, registry=registry)
+
+    @app.get("/")
+    async def endpoint() -> Response:
+        return Response(background=task)
+
+    bgtrace.uninstrument()
+    task = Uncopied(apps.write_log, "x")  # built before bgtrace is on: queued as it starts
+    func = task.func
+    otel_instrumentor.instrument_app(app)  # type: ignore[attr-defined]
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 patch no BackgroundTask.__call__")
+    bgtrace.instrument()
+    client = TestClient(app)
+    for _ in range(2):
+        client.get("/")
+    assert task.func is func
+    assert samples.total("bgtask_completed_total", task="tests.apps.write_log") == 2
+
+
 @pytest.mark.parametrize("bgtraces_provider", [True, False])
 def test_a_shared_task_object_gets_one_span_per_run_beside_the_instrumentor_installed_first(
     bgtraces_provider: bool,
