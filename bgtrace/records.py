@@ -375,10 +375,17 @@ def will_open_span(task: Any) -> bool:
         state = current.get()
         if state is not None and not state.closed:
             return state.tracing
-        return (state.config if state is not None else default_config()).tracing()
+        return _config_outside(state)[1]
     except Exception:
         logs.internal_error("task span check")
         return False
+
+
+def _config_outside(state: RequestState | None) -> tuple[Config, bool]:
+    """The config and tracing of a task queued outside a live request: its request's, once
+    over; outside any, the default one."""
+    config = state.config if state is not None else default_config()
+    return config, config.tracing()
 
 
 def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> TaskRecord:
@@ -391,8 +398,7 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
         route, route_obj = state.route()
         origin, dependency = detect(route_obj, state.stop_code, caller)
     else:
-        config = state.config if state is not None else default_config()
-        tracing = config.tracing()
+        config, tracing = _config_outside(state)
         route = state.route()[0] if state is not None else NO_ROUTE
         origin, dependency = OTHER, None
     parent: Context | None = None
@@ -558,8 +564,8 @@ def _interrupted(record: TaskRecord, exc: BaseException) -> None:
         record.finish(exc, same_thread=False)
 
 
-class _LoopStart:
-    """Runs a claimed async task on its event loop, recording start and end there."""
+class _Start:
+    """A task's function, run so that its record starts and ends around it."""
 
     __slots__ = ("func", "record")
 
@@ -572,6 +578,12 @@ class _LoopStart:
         # OpenTelemetry's wrapper names its span after the task's function (see run_through).
         func = self.func
         return str(getattr(func, "__name__", type(func).__name__))
+
+
+class _LoopStart(_Start):
+    """Runs a claimed async task on its event loop, recording start and end there."""
+
+    __slots__ = ()
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record
@@ -586,20 +598,10 @@ class _LoopStart:
         return result
 
 
-class _ThreadStart:
+class _ThreadStart(_Start):
     """Runs a def task in its worker thread, recording start and end there."""
 
-    __slots__ = ("func", "record")
-
-    def __init__(self, func: Callable[..., Any], record: TaskRecord) -> None:
-        self.func = func
-        self.record = record
-
-    @property
-    def __name__(self) -> str:
-        # OpenTelemetry's wrapper names its span after the task's function (see run_through).
-        func = self.func
-        return str(getattr(func, "__name__", type(func).__name__))
+    __slots__ = ()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         record = self.record

@@ -191,8 +191,9 @@ def test_an_async_task_started_inside_the_instrumentors_span_is_still_an_async_t
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from bgtrace import inflight, otel_metrics, stuck
+    from bgtrace import inflight, stuck
     from bgtrace.records import RUNNING
+    from tests.test_otel_metrics import _stop_recorders
 
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
@@ -234,9 +235,7 @@ def test_an_async_task_started_inside_the_instrumentors_span_is_still_an_async_t
     finally:
         release.set()
         prober.join()
-        for recorder in list(otel_metrics._recorders.values()):
-            recorder.stop()
-        otel_metrics._recorders.clear()
+        _stop_recorders()
     assert found and "in waits_for_release" in found[0], found
     data = reader.get_metrics_data()
     waits = [
