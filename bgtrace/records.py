@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
 from starlette import background, concurrency
+from starlette.requests import ClientDisconnect
 
 from . import inflight, logs, private
 from .accumulators import exemplar
@@ -683,7 +684,10 @@ def remove_post_response_observer(observer: Callable[[Any, str, float], None]) -
 
 
 def _drop_reason(state: RequestState, exc: BaseException | None) -> str:
-    if exc is not None and is_cancellation(exc):
+    if exc is not None and (is_cancellation(exc) or isinstance(exc, ClientDisconnect)):
+        # Starlette's ClientDisconnect: the client went away while the handler read the body,
+        # or (servers of ASGI spec 2.4) while a streaming response was sent, which then runs
+        # no background. Dropped by the client, as by a server cancelling the request.
         return CANCELLED
     if state.background_ran:
         # The response ran a background of its own: ours were never handed to it.
