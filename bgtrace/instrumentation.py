@@ -19,12 +19,12 @@ from .records import (
     CLAIMED,
     STARLETTE_TASK_CALL,
     background_starting,
+    replaces_their_span,
     run_in_thread,
     run_through,
     task_starting,
     tasks_interrupted,
     track,
-    will_open_span,
 )
 from .spans import OTEL_SAVED_CALL
 
@@ -68,17 +68,18 @@ def _wrap_task_call(
         if task_hold is not None and task_hold(self):
             return
         # When OpenTelemetry's wrapper sits between us and Starlette's method, call Starlette's
-        # directly where bgtrace opens a span of its own for the task: ours, in the same
-        # trace, replaces theirs, so each task has one span. Where bgtrace opens none (no
-        # provider of its own or global: theirs is the instrumentor's alone), theirs runs.
+        # directly where bgtrace's own task span replaces theirs (child mode, in the same
+        # trace), so each task has one span. Elsewhere theirs runs and the task starts inside
+        # it: bgtrace opens no span (no provider of its own or global: theirs is the
+        # instrumentor's alone) and takes theirs over, or, in link mode, opens its own in a
+        # trace of its own, theirs staying in the request's trace.
         call = original
         through = False
         saved = background.BackgroundTask.__dict__.get(OTEL_SAVED_CALL)
         if saved is _TASK_CALL and original is not saved:
-            if will_open_span(self):
+            if replaces_their_span(self):
                 call = saved
             else:
-                # bgtrace opens no span: theirs runs, and the task starts inside it.
                 through = True
         record = task_starting(self, threaded="through" if through else call is _TASK_CALL)
         if record is None:

@@ -365,18 +365,24 @@ def track(task: Any, caller: types.FrameType | None = None) -> None:
         logs.internal_error("task queued")
 
 
-def will_open_span(task: Any) -> bool:
-    """Whether the run of ``task`` starting now gets a task span of bgtrace's own: bgtrace
-    traces where it was queued, or, for a run queued as it starts (a task made while bgtrace
-    was off, or run again), where it starts."""
+def replaces_their_span(task: Any) -> bool:
+    """Whether the task span of bgtrace's own replaces the one OpenTelemetry's class patch
+    would open around the run of ``task`` starting now: bgtrace traces, in child mode (one
+    span per task, in the request's trace). Where it was queued, or, for a run queued as it
+    starts (a task made while bgtrace was off, or run again), where it starts. In link mode
+    bgtrace's span starts a trace of its own and takes no span over: theirs stays in the
+    request's trace, as FastAPI's telemetry's does."""
     try:
         record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
         if record is not None and record.status == QUEUED:
-            return record.tracing
-        state = current.get()
-        if state is not None and not state.closed:
-            return state.tracing
-        return _config_outside(state)[1]
+            config, tracing = record.config, record.tracing
+        else:
+            state = current.get()
+            if state is not None and not state.closed:
+                config, tracing = state.config, state.tracing
+            else:
+                config, tracing = _config_outside(state)
+        return tracing and config.trace_mode == "child"
     except Exception:
         logs.internal_error("task span check")
         return False
@@ -523,7 +529,8 @@ async def run_through(
 ) -> None:
     """A claimed task run through another instrumentation's ``BackgroundTask.__call__``
     (OpenTelemetry's, wrapping Starlette's: its span opens around the task) and started
-    inside it, so that bgtrace takes their span over as where theirs is outside bgtrace's.
+    inside it, as where theirs is outside bgtrace's: bgtrace takes their span over, or, in
+    link mode, opens its own in a trace of its own.
     Called with a copy of the task whose function starts and ends the record (in its worker
     thread for a def task, as run_in_thread): Starlette's own method, under theirs, runs it.
     The task object itself is not touched."""

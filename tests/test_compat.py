@@ -367,6 +367,83 @@ def test_opentelemetry_fastapi_instrumentor_one_span_per_task(
     assert samples.total("bgtask_dropped_total") == 0
 
 
+def _link_mode_app(registry: CollectorRegistry, tracer_provider: TracerProvider) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(
+        BackgroundTaskMiddleware,
+        registry=registry,
+        tracer_provider=tracer_provider,
+        trace_mode="link",
+    )
+
+    @app.post("/notify/{email}")
+    async def notify(email: str, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(apps.write_notification, email)
+        background_tasks.add_task(apps.write_log, "x")
+
+    return app
+
+
+def _assert_link_mode_beside_their_task_spans(exporter: InMemorySpanExporter) -> None:
+    """``trace_mode="link"`` beside an instrumentation that opens a span around each task:
+    bgtrace's span starts a trace of its own, linked into the request's trace, and takes
+    nothing over; theirs stays in the request's trace. Two spans per task, whatever the
+    order the two were installed in."""
+    server = _server_span(exporter)
+    spans = _task_spans(exporter)
+    ours = [s for s in spans if s.name.startswith("bgtask ")]
+    theirs = [s for s in spans if not s.name.startswith("bgtask ")]
+    assert sorted(s.name for s in ours) == ["bgtask write_log", "bgtask write_notification"]
+    for span in ours:
+        assert span.context.trace_id != server.context.trace_id
+        assert [link.context.trace_id for link in span.links] == [server.context.trace_id]
+        assert (span.attributes or {})["bgtask.origin"] == "handler"
+    assert len(theirs) == 2
+    for span in theirs:
+        assert span.context.trace_id == server.context.trace_id
+        assert not span.name.startswith("bgtask ")  # not renamed: not bgtrace's
+
+
+@pytest.mark.parametrize("order", ["bgtrace_first", "otel_first"])
+def test_link_mode_beside_the_instrumentor_keeps_their_task_span_in_either_order(
+    order: str,
+    otel_instrumentor: type,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    samples: Samples,
+) -> None:
+    """Installed first, their wrapper sits inside bgtrace's: bgtrace used to call past it
+    (its own span replacing theirs, as in child mode), so the request's trace lost the task
+    in one order and kept it in the other."""
+    app = _link_mode_app(registry, tracer_provider)
+    client = TestClient(app)
+    if order == "bgtrace_first":
+        otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+    else:
+        bgtrace.uninstrument()
+        otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[attr-defined]
+        bgtrace.instrument()
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 open no span per task")
+    exporter.clear()
+    client.post("/notify/a@b.c")
+    _assert_link_mode_beside_their_task_spans(exporter)
+    assert samples.total("bgtask_completed_total", outcome="success") == 2
+
+
+@pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
+def test_link_mode_beside_fastapi_telemetry_keeps_their_task_span(
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    global_tracer_provider: TracerProvider,
+) -> None:
+    app = _link_mode_app(registry, tracer_provider)
+    TestClient(app).post("/notify/a@b.c")
+    _assert_link_mode_beside_their_task_spans(exporter)
+
+
 def test_opentelemetry_fastapi_instrumentor_instrumenting_again_after_dropping_bgtraces_wrapper(
     otel_instrumentor: type,
     registry: CollectorRegistry,

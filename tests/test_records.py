@@ -470,11 +470,11 @@ def test_the_span_check_before_a_task_starts_logs_bgtraces_error_and_answers_no(
 ) -> None:
     """Regression (review): run where another instrumentation's wrapper is inside bgtrace's,
     the check raised bgtrace's own error (a registry refusing bgtrace's metrics) into the app."""
-    from bgtrace.records import will_open_span
+    from bgtrace.records import replaces_their_span
 
     class NoDict:
         __slots__ = ()
 
     with caplog.at_level("ERROR", logger="bgtrace"):
-        assert will_open_span(NoDict()) is False
+        assert replaces_their_span(NoDict()) is False
     assert "task span check" in caplog.text
