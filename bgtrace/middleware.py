@@ -145,16 +145,36 @@ class BackgroundTaskMiddleware:
             elif (
                 kind == "http.response.body" and not message.get("more_body", False)
             ) or kind == "http.response.pathsend":
-                await send(message)
+                try:
+                    await send(message)
+                except OSError:
+                    state.client_gone = True
+                    raise
                 # The response is out: what follows is background work, not request latency.
                 state.response_sent()
                 return
-            await send(message)
+            try:
+                await send(message)
+            except OSError:
+                # ASGI 2.4: the server's send raises OSError once the client is gone (Starlette
+                # turns it into ClientDisconnect where it streams; a file, or a middleware's
+                # own streaming, lets it out as it is, or in an exception group).
+                state.client_gone = True
+                raise
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and state.response_done_at is None:
+                # The client went away while the request was served (a body read, or Starlette
+                # listening for it while streaming). Not after the response: servers answer
+                # every receive with a disconnect once the response is complete.
+                state.client_gone = True
+            return message
 
         token = current.set(state)
         raised: BaseException | None = None
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
             raised = exc
             raise

@@ -199,9 +199,10 @@ class TaskRecord:
 
     def _start_span(self, wait: float) -> None:
         foreign = None
-        if self.config.trace_mode == "child" or not self.tracing:
+        if self.config.trace_mode == "child" or not self.tracing or self.parent is None:
             # Also without a provider of bgtrace's own: FastAPI's telemetry or OpenTelemetry's
-            # instrumentor may have one, and their task span takes bgtrace's attributes. Where
+            # instrumentor may have one, and their task span takes bgtrace's attributes; in link
+            # mode only where there is nothing to link to (their span is a root then). Where
             # neither can have opened one (see may_adopt, _others_trace_now), the lookup (most
             # of a task's span work without tracing) is skipped.
             if self.may_adopt or _others_trace_now():
@@ -376,13 +377,18 @@ def replaces_their_span(task: Any) -> bool:
         record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
         if record is not None and record.status == QUEUED:
             config, tracing = record.config, record.tracing
+            linked = record.parent is not None
         else:
             state = current.get()
             if state is not None and not state.closed:
                 config, tracing = state.config, state.tracing
             else:
                 config, tracing = _config_outside(state)
-        return tracing and config.trace_mode == "child"
+            # Queued as it starts: its parent is the span current now.
+            linked = trace.get_current_span().get_span_context().is_valid
+        # In link mode with no span to link to (a URL the instrumentor excludes), bgtrace's
+        # span is a root as theirs would be: one span per task, as in child mode.
+        return tracing and (config.trace_mode == "child" or not linked)
     except Exception:
         logs.internal_error("task span check")
         return False
@@ -691,14 +697,18 @@ def remove_post_response_observer(observer: Callable[[Any, str, float], None]) -
 
 
 def _drop_reason(state: RequestState, exc: BaseException | None) -> str:
-    if exc is not None and (is_cancellation(exc) or isinstance(exc, ClientDisconnect)):
-        # Starlette's ClientDisconnect: the client went away while the handler read the body,
-        # or (servers of ASGI spec 2.4) while a streaming response was sent, which then runs
-        # no background. Dropped by the client, as by a server cancelling the request.
+    if exc is not None and is_cancellation(exc):
         return CANCELLED
     if state.background_ran:
-        # The response ran a background of its own: ours were never handed to it.
+        # The response ran a background of its own: ours were never handed to it. (Also when
+        # that background raised ClientDisconnect: it read the body after the response.)
         return NOT_ATTACHED
+    if state.client_gone or isinstance(exc, ClientDisconnect):
+        # The client went away before the response was over: while the body was read, or,
+        # on servers of ASGI spec 2.4, while the response was sent (Starlette then runs no
+        # background). Dropped by the client, as by a server cancelling the request; also
+        # where an exception handler answered Starlette's ClientDisconnect.
+        return CANCELLED
     if exc is not None or state.status is None or state.status >= 400:
         return REQUEST_ERROR
     return NOT_ATTACHED

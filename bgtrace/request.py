@@ -28,9 +28,9 @@ _ROUTING_KEYS = frozenset(("route", "endpoint", "path_params", "fastapi", "app_r
 
 class RequestState:
     __slots__ = (
-        "_path", "_route", "background_ran", "closed", "config", "frame_id", "live_scope",
-        "on_response_sent", "own_span", "records", "response_done_at", "root_path", "router_app",
-        "status", "stop_code", "tracing",
+        "_path", "_route", "background_ran", "client_gone", "closed", "config", "frame_id",
+        "live_scope", "on_response_sent", "own_span", "records", "response_done_at", "root_path",
+        "router_app", "status", "stop_code", "tracing",
     )  # fmt: skip
 
     def __init__(
@@ -47,6 +47,9 @@ class RequestState:
         self.stop_code = stop_code
         self.records: list[TaskRecord] = []
         self.background_ran = False
+        # The client went away before the response was over (see the middleware's wrappers):
+        # the tasks it leaves unstarted were dropped by the client, not by the request.
+        self.client_gone = False
         self.closed = False
         self.status: int | None = None
         self.response_done_at: float | None = None
