@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -153,6 +153,11 @@ def routes(app: FastAPI) -> FastAPI:
         background_tasks.add_task(async_fast)
         background_tasks.add_task(sync_fast)
         return StreamingResponse(_chunks(), media_type="text/plain")
+
+    @app.post("/read-body")
+    async def read_body(request: Request, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(async_fast)
+        await request.body()  # the client leaves before sending it all
 
     @app.get("/pid")
     async def pid() -> int:

@@ -545,6 +545,28 @@ def test_client_gone_while_background_runs_leaves_every_task_ended_once(tmp_path
     assert post_response == DISCONNECTING_CLIENTS
 
 
+def test_client_gone_while_the_body_is_read_drops_the_tasks_as_cancelled(tmp_path: Path) -> None:
+    """uvicorn answers the body read with a disconnect, Starlette raises ClientDisconnect, the
+    response never goes out: the tasks queued before were dropped by the client."""
+    request = b"POST /read-body HTTP/1.1\r\nhost: test\r\ncontent-length: 1000\r\n\r\npart"
+    series = (task("async_fast"), "handler", "/read-body")
+    with uvicorn_server(tmp_path) as server:
+        sockets = [raw_request(server.url, request) for _ in range(DISCONNECTING_CLIENTS)]
+        try:
+            # Every handler queued its task and waits for the rest of the body.
+            wait_for(
+                lambda: queued(scrape(server.url), series) == DISCONNECTING_CLIENTS,
+                what="every task queued",
+            )
+        finally:
+            for sock in sockets:
+                sock.close()
+        samples = wait_until_settled(server.url)
+
+    assert ended(samples, series, ("bgtask_dropped_total", "cancelled")) == DISCONNECTING_CLIENTS
+    assert total(samples, "bgtask_dropped_total") == DISCONNECTING_CLIENTS
+
+
 # --- 4. span exporter down or slow ---------------------------------------------------------
 
 TIMED_REQUESTS = 2000
