@@ -148,7 +148,7 @@ class BackgroundTaskMiddleware:
                 try:
                     await send(message)
                 except OSError:
-                    state.client_gone = True
+                    state.client_gone = _send_error_is_client_gone(scope)
                     raise
                 # The response is out: what follows is background work, not request latency.
                 state.response_sent()
@@ -159,15 +159,18 @@ class BackgroundTaskMiddleware:
                 # ASGI 2.4: the server's send raises OSError once the client is gone (Starlette
                 # turns it into ClientDisconnect where it streams; a file, or a middleware's
                 # own streaming, lets it out as it is, or in an exception group).
-                state.client_gone = True
+                state.client_gone = _send_error_is_client_gone(scope)
                 raise
 
         async def receive_wrapper() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect" and state.response_done_at is None:
-                # The client went away while the request was served (a body read, or Starlette
-                # listening for it while streaming). Not after the response: servers answer
-                # every receive with a disconnect once the response is complete.
+            if message["type"] == "http.disconnect" and state.status is None:
+                # The client went away before the response started (the handler reading the
+                # body). Not once it started: a server may hand over the disconnect while the
+                # last body is sent (hypercorn closes the stream in that send), a
+                # BaseHTTPMiddleware further out makes one up after its own response, and a
+                # client leaving mid-response still gets the background run under ASGI 2.3
+                # (2.4 tells by the send's OSError, and Starlette's ClientDisconnect).
                 state.client_gone = True
             return message
 
@@ -208,6 +211,16 @@ def _forgetting_at_shutdown(send: Send) -> Send:
             forget_process()
 
     return send_wrapper
+
+
+def _send_error_is_client_gone(scope: Scope) -> bool:
+    """Whether an ``OSError`` from the server's send means the client is gone: ASGI spec 2.4
+    says so; before it, the error is something else's (a full disk, a timeout)."""
+    try:
+        version = tuple(map(int, scope["asgi"]["spec_version"].split(".")))
+    except Exception:
+        return False
+    return version >= (2, 4)
 
 
 def _route_path(scope: Scope) -> str:

@@ -45,6 +45,8 @@ from .spans import (
     OTEL_SAVED_CALL,
     SPAN_PREFIX,
     foreign_task_span,
+    is_foreign_task_span,
+    outer_context,
     owner_records_exception,
     record_failure,
     task_parent,
@@ -371,24 +373,21 @@ def replaces_their_span(task: Any) -> bool:
     would open around the run of ``task`` starting now: bgtrace traces, in child mode (one
     span per task, in the request's trace). Where it was queued, or, for a run queued as it
     starts (a task made while bgtrace was off, or run again), where it starts. In link mode
-    bgtrace's span starts a trace of its own and takes no span over: theirs stays in the
-    request's trace, as FastAPI's telemetry's does."""
+    bgtrace's span starts a trace of its own: theirs stays in the request's trace, as
+    FastAPI's telemetry's does."""
     try:
         record: TaskRecord | None = task.__dict__.get(RECORD_ATTR)
         if record is not None and record.status == QUEUED:
             config, tracing = record.config, record.tracing
-            linked = record.parent is not None
         else:
             state = current.get()
             if state is not None and not state.closed:
                 config, tracing = state.config, state.tracing
             else:
                 config, tracing = _config_outside(state)
-            # Queued as it starts: its parent is the span current now.
-            linked = trace.get_current_span().get_span_context().is_valid
-        # In link mode with no span to link to (a URL the instrumentor excludes), bgtrace's
-        # span is a root as theirs would be: one span per task, as in child mode.
-        return tracing and (config.trace_mode == "child" or not linked)
+        # In link mode theirs runs, also where there is nothing to link to (a URL the
+        # instrumentor excludes): bgtrace takes their root span over then (_start_span).
+        return tracing and config.trace_mode == "child"
     except Exception:
         logs.internal_error("task span check")
         return False
@@ -426,6 +425,11 @@ def _queued(task: Any, caller: types.FrameType | None, *, register: bool) -> Tas
                 # the target of its link in link mode. Kept as it is: no span or context made
                 # per task.
                 parent = current_context
+                if not register and is_foreign_task_span(span):
+                    # A run queued as it starts, inside another instrumentation's span around
+                    # this very task: the task's parent is what theirs has (a root of theirs:
+                    # nothing to link to), as where their wrapper is inside bgtrace's.
+                    parent = outer_context(span)
             # Also without a provider of bgtrace's own: the span may be another
             # instrumentation's.
             under_span = span.is_recording()
@@ -707,7 +711,8 @@ def _drop_reason(state: RequestState, exc: BaseException | None) -> str:
         # The client went away before the response was over: while the body was read, or,
         # on servers of ASGI spec 2.4, while the response was sent (Starlette then runs no
         # background). Dropped by the client, as by a server cancelling the request; also
-        # where an exception handler answered Starlette's ClientDisconnect.
+        # where an exception handler answered Starlette's ClientDisconnect. The exception
+        # itself: a body read once the response started, which the wrappers do not flag.
         return CANCELLED
     if exc is not None or state.status is None or state.status >= 400:
         return REQUEST_ERROR

@@ -47,14 +47,26 @@ def task_parent(parent: Context | None, mode: str) -> tuple[Context, list[trace.
 def foreign_task_span() -> trace.Span | None:
     """The span another instrumentation opened around this task's call, if one is current."""
     span = trace.get_current_span()
+    return span if is_foreign_task_span(span) else None
+
+
+def is_foreign_task_span(span: trace.Span) -> bool:
+    """Whether ``span`` is one another instrumentation opened around a task's call."""
     if not span.is_recording():
-        return None
+        return False
     name = getattr(span, "name", None)
-    if isinstance(name, str) and (
+    return isinstance(name, str) and (
         name == _FOREIGN_TASK_SPAN or name.startswith(_FOREIGN_TASK_SPAN_PREFIX)
-    ):
-        return span
-    return None
+    )
+
+
+def outer_context(span: trace.Span) -> Context | None:
+    """A context whose span is ``span``'s parent (the SDK's ``parent``: a span context), or
+    ``None`` for a root span or a span that does not tell."""
+    parent = getattr(span, "parent", None)
+    if not isinstance(parent, trace.SpanContext) or not parent.is_valid:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
 
 
 def owner_records_exception(span: trace.Span) -> bool:

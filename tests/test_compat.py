@@ -462,6 +462,71 @@ def test_link_mode_with_nothing_to_link_to_gives_one_span_per_task_beside_the_in
     assert len({s.context.trace_id for s in spans}) == 2
 
 
+@pytest.mark.parametrize("order", ["bgtrace_first", "otel_first"])
+def test_link_mode_for_a_task_queued_as_it_starts_beside_the_instrumentor(
+    order: str,
+    otel_instrumentor: type,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A ``BackgroundTask`` built while bgtrace was off is queued as it starts, inside their
+    span where their wrapper is outside bgtrace's: its link goes to what their span has as
+    parent (the request's span), and where theirs is a root (an excluded URL) bgtrace's is
+    theirs, as in the other order (review: linked to their task span, or two roots)."""
+    from fastapi.responses import PlainTextResponse
+
+    bgtrace.uninstrument()
+    shared = background.BackgroundTask(apps.write_log, "shared")
+    bgtrace.instrument()
+    app = FastAPI()
+    app.add_middleware(
+        BackgroundTaskMiddleware,
+        registry=registry,
+        tracer_provider=tracer_provider,
+        trace_mode="link",
+    )
+
+    @app.post("/traced")
+    async def traced() -> PlainTextResponse:
+        return PlainTextResponse("", background=shared)
+
+    @app.post("/excluded")
+    async def excluded() -> PlainTextResponse:
+        return PlainTextResponse("", background=shared)
+
+    if order == "otel_first":
+        bgtrace.uninstrument()
+    otel_instrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="excluded")  # type: ignore[attr-defined]
+    bgtrace.instrument()
+    if not hasattr(background.BackgroundTask, "_otel_original_call"):
+        pytest.skip("releases before 0.63b0 open no span per task")
+    client = TestClient(app)
+    for _ in range(2):  # its first run, and a later one
+        exporter.clear()
+        client.post("/traced")
+        _, ours = _split_task_spans(exporter, "bgtask write_log")
+        assert [link.context.span_id for link in ours.links] == [
+            _server_span(exporter).context.span_id
+        ]
+        exporter.clear()
+        client.post("/excluded")
+        (only,) = _task_spans(exporter)
+        assert only.name == "bgtask write_log" and only.parent is None and not only.links
+
+
+def _split_task_spans(
+    exporter: InMemorySpanExporter, name: str
+) -> tuple[ReadableSpan, ReadableSpan]:
+    """(theirs, bgtrace's) for a task with two spans: theirs in the request's trace."""
+    spans = _task_spans(exporter)
+    (ours,) = [s for s in spans if s.name == name]
+    (theirs,) = [s for s in spans if s is not ours]
+    assert theirs.context.trace_id == _server_span(exporter).context.trace_id
+    assert ours.context.trace_id != theirs.context.trace_id
+    return theirs, ours
+
+
 @pytest.mark.skipif(not HAS_FASTAPI_TELEMETRY, reason="this FastAPI has no built-in telemetry")
 def test_link_mode_beside_fastapi_telemetry_keeps_their_task_span(
     registry: CollectorRegistry,

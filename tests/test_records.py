@@ -5,6 +5,7 @@ On both of anyio's backends: a cancellation is trio's own exception under trio."
 from __future__ import annotations
 
 import gc
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,9 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry
+from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
 
 import bgtrace
 from bgtrace import BackgroundTaskMiddleware
@@ -23,6 +26,8 @@ from tests.asgi import call
 from tests.conftest import Samples
 
 LOG = "tests.apps.write_log"
+# Before 0.39 Starlette has no ASGI 2.4 branch in its streaming responses.
+OLD_STARLETTE = "spec_version" not in inspect.getsource(StreamingResponse.__call__)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -59,10 +64,13 @@ def test_unhandled_exception_after_queuing_drops_as_request_error(
     assert samples.total("bgtask_queue_length") == 0
 
 
-async def _call_with_client_gone(app: Any, path: str, spec_version: str) -> Exception | None:
-    """One request whose client goes away: the server answers the body read with
-    ``http.disconnect``, and its send raises ``OSError`` once a streaming response has sent
-    its first chunk (ASGI spec 2.4: the client is gone). Returns what the app raised."""
+async def _call_with_client_gone(
+    app: Any, path: str, spec_version: str, *, gone_from: int = 2
+) -> Exception | None:
+    """One request whose client goes away, as uvicorn serves it: the body read gets
+    ``http.disconnect`` (on ``/stream-read`` once the response has started); from body
+    message ``gone_from`` on, the send raises ``OSError`` under ASGI spec 2.4 and drops the
+    message before it (the client is gone). Returns what the app raised."""
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
         "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
@@ -70,15 +78,20 @@ async def _call_with_client_gone(app: Any, path: str, spec_version: str) -> Exce
         "server": ("test", 80), "client": ("127.0.0.1", 1),
     }  # fmt: skip
     bodies = 0
+    started = anyio.Event()
 
     async def receive() -> dict[str, Any]:
+        if path == "/stream-read":
+            await started.wait()  # the client leaves once the response has started
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal bodies
+        if message["type"] == "http.response.start":
+            started.set()
         if message["type"] == "http.response.body":
             bodies += 1
-            if bodies > 1:
+            if bodies >= gone_from and spec_version == "2.4":
                 raise OSError("client gone")
 
     try:
@@ -88,14 +101,19 @@ async def _call_with_client_gone(app: Any, path: str, spec_version: str) -> Exce
     return None
 
 
-def _client_gone_app(registry: CollectorRegistry | None, *, answer_gone: bool = False) -> FastAPI:
+def _client_gone_app(
+    registry: CollectorRegistry | None, *, answer_gone: bool = False, inner_middleware: bool = True
+) -> FastAPI:
     from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
     from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.requests import ClientDisconnect
 
     app = FastAPI()
-    # Inside bgtrace: its own streaming lets the send's OSError out as it is.
-    app.add_middleware(BaseHTTPMiddleware, dispatch=lambda request, call_next: call_next(request))
+    if inner_middleware:
+        # Inside bgtrace: its own streaming lets the send's OSError out as it is.
+        app.add_middleware(
+            BaseHTTPMiddleware, dispatch=lambda request, call_next: call_next(request)
+        )
     if registry is not None:
         app.add_middleware(BackgroundTaskMiddleware, registry=registry)
     if answer_gone:
@@ -126,6 +144,21 @@ def _client_gone_app(registry: CollectorRegistry | None, *, answer_gone: bool = 
         response.chunk_size = 1024  # several body messages: the send fails on the second
         return response
 
+    @app.post("/stream-read")
+    async def stream_read(request: Request, background_tasks: BackgroundTasks) -> Any:
+        background_tasks.add_task(apps.write_log, "queued")
+
+        async def reading() -> Any:
+            yield b"started"
+            yield await request.body()  # the body is read once the response has started
+
+        return StreamingResponse(reading())
+
+    @app.post("/plain")
+    async def plain(background_tasks: BackgroundTasks) -> Any:
+        background_tasks.add_task(apps.write_log, "queued")
+        return PlainTextResponse("one body message")
+
     @app.post("/late-read")
     async def late_read(request: Request, background_tasks: BackgroundTasks) -> Any:
         # The response's own background reads the body after the response: the server
@@ -137,15 +170,17 @@ def _client_gone_app(registry: CollectorRegistry | None, *, answer_gone: bool = 
 
 
 @pytest.mark.parametrize(
-    ("path", "spec_version", "answer_gone", "reason"),
+    ("path", "spec_version", "answer_gone", "inner_middleware", "reason"),
     [
-        ("/read", "2.3", False, "cancelled"),
-        ("/read", "2.4", False, "cancelled"),
-        ("/read", "2.3", True, "cancelled"),
-        ("/stream", "2.4", False, "cancelled"),
-        ("/stream", "2.4", True, "cancelled"),
-        ("/file", "2.4", False, "cancelled"),
-        ("/late-read", "2.3", False, "not_attached"),
+        ("/read", "2.3", False, False, "cancelled"),
+        ("/read", "2.4", False, False, "cancelled"),
+        ("/read", "2.3", True, False, "cancelled"),
+        ("/stream", "2.4", False, False, "cancelled"),
+        ("/stream", "2.4", False, True, "cancelled"),
+        ("/stream", "2.4", True, False, "cancelled"),
+        ("/file", "2.4", False, True, "cancelled"),
+        ("/stream-read", "2.4", False, False, "cancelled"),
+        ("/late-read", "2.3", False, False, "not_attached"),
     ],
 )
 def test_tasks_of_a_request_whose_client_went_away_drop_as_cancelled(
@@ -154,6 +189,7 @@ def test_tasks_of_a_request_whose_client_went_away_drop_as_cancelled(
     path: str,
     spec_version: str,
     answer_gone: bool,
+    inner_middleware: bool,
     reason: str,
 ) -> None:
     """The client went away before the response was over: the body read got a disconnect
@@ -164,18 +200,19 @@ def test_tasks_of_a_request_whose_client_went_away_drop_as_cancelled(
     ``cancelled``, as for a request the server cancels, also where an exception handler
     answers the disconnect. A disconnect read after the response (servers answer every
     receive so then) is no client gone."""
+    options = {"answer_gone": answer_gone, "inner_middleware": inner_middleware}
     apps.done.clear()
-    app = _client_gone_app(None, answer_gone=answer_gone)
-    bare = anyio.run(_call_with_client_gone, app, path, spec_version)
+    bare = anyio.run(_call_with_client_gone, _client_gone_app(None, **options), path, spec_version)
     ran = apps.done == ["queued"]
     apps.done.clear()
-    app = _client_gone_app(registry, answer_gone=answer_gone)
+    app = _client_gone_app(registry, **options)
     raised = anyio.run(_call_with_client_gone, app, path, spec_version)
     assert type(raised) is type(bare)  # the app's exception (or none), unchanged
     assert (apps.done == ["queued"]) is ran
     if ran:
-        # Starlette before 0.39 under BaseHTTPMiddleware: the background ran all the same.
-        assert (path, spec_version) in (("/stream", "2.4"), ("/file", "2.4"))
+        # Starlette before 0.39 streams under ASGI 2.4 as under 2.3: it listens for the
+        # disconnect, stops the stream and runs the background all the same.
+        assert OLD_STARLETTE and path.startswith(("/stream", "/file")), (path, spec_version)
         assert samples.total("bgtask_completed_total", task=LOG, outcome="success") == 1
         return
     assert samples("bgtask_dropped_total", task=LOG, origin="handler", route=path,
@@ -183,6 +220,110 @@ def test_tasks_of_a_request_whose_client_went_away_drop_as_cancelled(
     assert samples.total("bgtask_dropped_total", task=LOG) == 1
     assert samples.total("bgtask_completed_total", task=LOG) == 0
     assert samples.total("bgtask_queue_length") == 0
+
+
+def _never_attached_app(registry: CollectorRegistry, *, replaced: bool = False) -> Starlette:
+    """A Starlette app whose handler builds a task and never hands it to its response (an app
+    bug, counted ``not_attached``), streaming its response; ``replaced``: a BaseHTTPMiddleware
+    outside bgtrace answers with a response of its own instead."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def chunks() -> Any:
+        for _ in range(3):
+            await anyio.sleep(0)
+            yield b"chunk"
+
+    async def stream(request: Request) -> StreamingResponse:
+        BackgroundTask(apps.write_log, "never attached")
+        return StreamingResponse(chunks())
+
+    async def replace(request: Request, call_next: Any) -> PlainTextResponse:
+        response = await call_next(request)
+        return PlainTextResponse("replaced", status_code=response.status_code)
+
+    middleware = [Middleware(BackgroundTaskMiddleware, registry=registry)]
+    if replaced:
+        middleware.insert(0, Middleware(BaseHTTPMiddleware, dispatch=replace))
+    return Starlette(routes=[Route("/stream", stream)], middleware=middleware)
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "base_http_middleware"])
+def test_a_disconnect_handed_over_once_the_response_started_is_no_client_gone(
+    registry: CollectorRegistry, samples: Samples, server: str
+) -> None:
+    """Review: hypercorn (ASGI 2.1) closes the stream inside the last body's send, handing the
+    disconnect to Starlette's listener before the send returns; a BaseHTTPMiddleware further
+    out makes one up after its own response. The client did not leave: a task never handed to
+    the response stays ``not_attached`` (it read ``cancelled``)."""
+    import asyncio
+
+    if server == "hypercorn":
+        app = _never_attached_app(registry)
+
+        async def serve() -> None:
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+            scope = {
+                "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
+                "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/stream",
+                "raw_path": b"/stream", "root_path": "", "query_string": b"",
+                "headers": [(b"host", b"test")], "server": ("test", 80), "client": ("c", 1),
+            }  # fmt: skip
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    queue.put_nowait({"type": "http.disconnect"})  # the stream closed
+                    await asyncio.sleep(0)
+
+            await app(scope, queue.get, send)
+
+        asyncio.run(serve())
+    else:
+        response = TestClient(_never_attached_app(registry, replaced=True)).get("/stream")
+        assert response.text == "replaced"
+    assert samples("bgtask_dropped_total", task=LOG, origin="other", route="/stream",
+                   reason="not_attached") == 1  # fmt: skip
+    assert samples.total("bgtask_dropped_total") == 1
+
+
+@pytest.mark.parametrize(
+    ("spec_version", "reason"), [("2.3", "request_error"), ("2.4", "cancelled")]
+)
+def test_an_oserror_from_the_last_send_is_a_client_gone_only_under_asgi_2_4(
+    registry: CollectorRegistry, samples: Samples, spec_version: str, reason: str
+) -> None:
+    """ASGI spec 2.4 makes an OSError from the send the client's leaving, also for a
+    response's only (and last) body message. Before 2.4 it is something else's (a full disk
+    in a middleware's log, a timeout; review): the request's error, as before."""
+    import errno
+
+    app = _client_gone_app(registry, inner_middleware=False)
+
+    async def call() -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
+            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/plain",
+            "raw_path": b"/plain", "root_path": "", "query_string": b"", "headers": [],
+            "server": ("test", 80), "client": ("127.0.0.1", 1),
+        }  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                assert not message.get("more_body")
+                raise OSError(errno.ENOSPC, "gone or full")
+
+        with pytest.raises(OSError, match="gone or full"):
+            await app(scope, receive, send)
+
+    anyio.run(call)
+    assert samples("bgtask_dropped_total", task=LOG, origin="handler", route="/plain",
+                   reason=reason) == 1  # fmt: skip
 
 
 def test_failure_counts_by_error_type_and_drops_the_rest(
