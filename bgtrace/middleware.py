@@ -148,7 +148,8 @@ class BackgroundTaskMiddleware:
                 try:
                     await send(message)
                 except OSError:
-                    state.client_gone = _send_error_is_client_gone(scope)
+                    if _send_error_is_client_gone(scope):
+                        state.client_gone = True
                     raise
                 # The response is out: what follows is background work, not request latency.
                 state.response_sent()
@@ -159,7 +160,8 @@ class BackgroundTaskMiddleware:
                 # ASGI 2.4: the server's send raises OSError once the client is gone (Starlette
                 # turns it into ClientDisconnect where it streams; a file, or a middleware's
                 # own streaming, lets it out as it is, or in an exception group).
-                state.client_gone = _send_error_is_client_gone(scope)
+                if _send_error_is_client_gone(scope):
+                    state.client_gone = True
                 raise
 
         async def receive_wrapper() -> Message:

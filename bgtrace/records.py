@@ -707,13 +707,16 @@ def _drop_reason(state: RequestState, exc: BaseException | None) -> str:
         # The response ran a background of its own: ours were never handed to it. (Also when
         # that background raised ClientDisconnect: it read the body after the response.)
         return NOT_ATTACHED
-    if state.client_gone or isinstance(exc, ClientDisconnect):
-        # The client went away before the response was over: while the body was read, or,
-        # on servers of ASGI spec 2.4, while the response was sent (Starlette then runs no
-        # background). Dropped by the client, as by a server cancelling the request; also
-        # where an exception handler answered Starlette's ClientDisconnect. The exception
-        # itself: a body read once the response started, which the wrappers do not flag.
-        return CANCELLED
     if exc is not None or state.status is None or state.status >= 400:
+        if state.client_gone or isinstance(exc, ClientDisconnect):
+            # The client went away before the response was over: while the body was read,
+            # or, on servers of ASGI spec 2.4, while the response was sent (Starlette then
+            # runs no background). Dropped by the client, as by a server cancelling the
+            # request; also where an exception handler answered Starlette's ClientDisconnect.
+            # The exception itself: a body read once the response started, which the
+            # wrappers do not flag. Only where the request failed: a response that went out
+            # whole after a stray disconnect (granian may hand one over after a cancelled
+            # receive) left its tasks unattached, not dropped by the client.
+            return CANCELLED
         return REQUEST_ERROR
     return NOT_ATTACHED

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.responses import StreamingResponse
 
 import bgtrace
@@ -324,6 +325,60 @@ def test_an_oserror_from_the_last_send_is_a_client_gone_only_under_asgi_2_4(
     anyio.run(call)
     assert samples("bgtask_dropped_total", task=LOG, origin="handler", route="/plain",
                    reason=reason) == 1  # fmt: skip
+
+
+def test_a_client_seen_gone_stays_gone_whatever_the_send_raises_after(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """The body read got the disconnect, an exception handler answers 499, and the send (a
+    server before ASGI 2.4) raises an OSError of its own: still the client's leaving."""
+    app = _client_gone_app(registry, answer_gone=True, inner_middleware=False)
+
+    async def call() -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/read",
+            "raw_path": b"/read", "root_path": "", "query_string": b"", "headers": [],
+            "server": ("test", 80), "client": ("127.0.0.1", 1),
+        }  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                raise OSError("connection reset")
+
+        with pytest.raises(OSError, match="reset"):
+            await app(scope, receive, send)
+
+    anyio.run(call)
+    assert samples("bgtask_dropped_total", task=LOG, origin="handler", route="/read",
+                   reason="cancelled") == 1  # fmt: skip
+
+
+def test_a_stray_disconnect_before_a_whole_response_is_no_client_gone(
+    registry: CollectorRegistry, samples: Samples
+) -> None:
+    """Review: granian may answer a receive with a disconnect right after a cancelled one
+    (``request.is_disconnected()``) while the client waits; the response then goes out
+    whole. A task the handler never attached stays ``not_attached``."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def early(request: Request) -> PlainTextResponse:
+        BackgroundTask(apps.write_log, "never attached")
+        await request.receive()  # the stray disconnect
+        return PlainTextResponse("whole")
+
+    app = Starlette(
+        routes=[Route("/early", early, methods=["POST"])],
+        middleware=[Middleware(BackgroundTaskMiddleware, registry=registry)],
+    )
+    sent = anyio.run(_call_with_client_gone, app, "/early", "2.3")
+    assert sent is None
+    assert samples("bgtask_dropped_total", task=LOG, origin="other", route="/early",
+                   reason="not_attached") == 1  # fmt: skip
 
 
 def test_failure_counts_by_error_type_and_drops_the_rest(
