@@ -142,18 +142,6 @@ class BackgroundTaskMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 state.status = message["status"]
-            elif (
-                kind == "http.response.body" and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
-                try:
-                    await send(message)
-                except OSError:
-                    if _send_error_is_client_gone(scope):
-                        state.client_gone = True
-                    raise
-                # The response is out: what follows is background work, not request latency.
-                state.response_sent()
-                return
             try:
                 await send(message)
             except OSError:
@@ -163,6 +151,11 @@ class BackgroundTaskMiddleware:
                 if _send_error_is_client_gone(scope):
                     state.client_gone = True
                 raise
+            if (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
+                # The response is out: what follows is background work, not request latency.
+                state.response_sent()
 
         async def receive_wrapper() -> Message:
             message = await receive()

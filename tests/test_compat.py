@@ -479,13 +479,7 @@ def test_link_mode_for_a_task_queued_as_it_starts_beside_the_instrumentor(
     bgtrace.uninstrument()
     shared = background.BackgroundTask(apps.write_log, "shared")
     bgtrace.instrument()
-    app = FastAPI()
-    app.add_middleware(
-        BackgroundTaskMiddleware,
-        registry=registry,
-        tracer_provider=tracer_provider,
-        trace_mode="link",
-    )
+    app = _link_mode_app(registry, tracer_provider)
 
     @app.post("/traced")
     async def traced() -> PlainTextResponse:

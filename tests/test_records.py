@@ -65,19 +65,22 @@ def test_unhandled_exception_after_queuing_drops_as_request_error(
     assert samples.total("bgtask_queue_length") == 0
 
 
-async def _call_with_client_gone(
-    app: Any, path: str, spec_version: str, *, gone_from: int = 2
-) -> Exception | None:
-    """One request whose client goes away, as uvicorn serves it: the body read gets
-    ``http.disconnect`` (on ``/stream-read`` once the response has started); from body
-    message ``gone_from`` on, the send raises ``OSError`` under ASGI spec 2.4 and drops the
-    message before it (the client is gone). Returns what the app raised."""
-    scope = {
+def _http_scope(path: str, spec_version: str, method: str = "POST") -> dict[str, Any]:
+    """An HTTP scope as a server of ``spec_version`` gives it."""
+    return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
-        "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-        "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
-        "server": ("test", 80), "client": ("127.0.0.1", 1),
+        "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+        "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"test")], "server": ("test", 80), "client": ("127.0.0.1", 1),
     }  # fmt: skip
+
+
+async def _call_with_client_gone(app: Any, path: str, spec_version: str) -> Exception | None:
+    """One request whose client goes away, as uvicorn serves it: the body read gets
+    ``http.disconnect`` (on ``/stream-read`` once the response has started); from the second
+    body message on, the send raises ``OSError`` under ASGI spec 2.4 and drops the message
+    before it (the client is gone). Returns what the app raised."""
+    scope = _http_scope(path, spec_version)
     bodies = 0
     started = anyio.Event()
 
@@ -92,7 +95,7 @@ async def _call_with_client_gone(
             started.set()
         if message["type"] == "http.response.body":
             bodies += 1
-            if bodies >= gone_from and spec_version == "2.4":
+            if bodies >= 2 and spec_version == "2.4":
                 raise OSError("client gone")
 
     try:
@@ -105,7 +108,7 @@ async def _call_with_client_gone(
 def _client_gone_app(
     registry: CollectorRegistry | None, *, answer_gone: bool = False, inner_middleware: bool = True
 ) -> FastAPI:
-    from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import FileResponse, PlainTextResponse
     from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.requests import ClientDisconnect
 
@@ -227,9 +230,8 @@ def _never_attached_app(registry: CollectorRegistry, *, replaced: bool = False) 
     """A Starlette app whose handler builds a task and never hands it to its response (an app
     bug, counted ``not_attached``), streaming its response; ``replaced``: a BaseHTTPMiddleware
     outside bgtrace answers with a response of its own instead."""
-    from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
-    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
     async def chunks() -> Any:
@@ -267,12 +269,7 @@ def test_a_disconnect_handed_over_once_the_response_started_is_no_client_gone(
         async def serve() -> None:
             queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
-            scope = {
-                "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
-                "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/stream",
-                "raw_path": b"/stream", "root_path": "", "query_string": b"",
-                "headers": [(b"host", b"test")], "server": ("test", 80), "client": ("c", 1),
-            }  # fmt: skip
+            scope = _http_scope("/stream", "2.1", method="GET")
 
             async def send(message: dict[str, Any]) -> None:
                 if message["type"] == "http.response.body" and not message.get("more_body"):
@@ -304,12 +301,7 @@ def test_an_oserror_from_the_last_send_is_a_client_gone_only_under_asgi_2_4(
     app = _client_gone_app(registry, inner_middleware=False)
 
     async def call() -> None:
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
-            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/plain",
-            "raw_path": b"/plain", "root_path": "", "query_string": b"", "headers": [],
-            "server": ("test", 80), "client": ("127.0.0.1", 1),
-        }  # fmt: skip
+        scope = _http_scope("/plain", spec_version)
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}
@@ -335,12 +327,7 @@ def test_a_client_seen_gone_stays_gone_whatever_the_send_raises_after(
     app = _client_gone_app(registry, answer_gone=True, inner_middleware=False)
 
     async def call() -> None:
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/read",
-            "raw_path": b"/read", "root_path": "", "query_string": b"", "headers": [],
-            "server": ("test", 80), "client": ("127.0.0.1", 1),
-        }  # fmt: skip
+        scope = _http_scope("/read", "2.3")
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.disconnect"}
